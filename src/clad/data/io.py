@@ -1,0 +1,116 @@
+"""Robust image and mask reading: any mode and bit depth in, RGB uint8 (or bool mask) out."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from clad.errors import ImageLoadError
+from clad.types import ImageLike
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Refuse decompression bombs with a clear error instead of PIL's warning; 16k x 16k is far above any camera here.
+MAX_PIXELS = 16384 * 16384
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
+            img.load()  # decode now, so truncated data fails here and names the file
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: image too large ({e})") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt data
+        raise ImageLoadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    return img
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grayscale: rescale the full range to 8 bits rather than clipping.
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        a = a.round().astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, whatever its mode, bit depth or EXIF orientation.
+
+    Raises ImageLoadError naming the file when it is missing, empty, truncated, corrupt or too large.
+    """
+    path = Path(path)
+    img = _open(path)
+    try:
+        arr = _to_rgb(img)
+    except Exception as e:
+        raise ImageLoadError(f"{path}: cannot convert image mode {img.mode!r} to RGB ({e})") from e
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageLoadError(f"{path}: image has zero size")
+    return arr
+
+
+def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask as (H, W) bool, defective where the value is > 0.
+
+    When ``shape`` (H, W) is given, a mask of another size is an error naming both sizes.
+    """
+    path = Path(path)
+    img = ImageOps.exif_transpose(_open(path))
+    a = np.asarray(img)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=2) if a.shape[2] >= 3 else a[..., 0]
+    mask = a > 0
+    if shape is not None and mask.shape != tuple(shape):
+        raise ImageLoadError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
+def as_rgb(image: ImageLike) -> np.ndarray:
+    """Any accepted image input -> (H, W, 3) uint8 RGB array."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ImageLoadError(f"image array has shape {a.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.shape[2] == 4:
+        a = a[..., :3]
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and float(a.max()) <= 1.0:
+            a = a * 255.0
+        elif a.dtype == np.uint16:
+            a = a / 257.0
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)

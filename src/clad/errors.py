@@ -1,0 +1,21 @@
+"""Errors that name the file and the problem."""
+
+
+class CladError(Exception):
+    """Base class of the errors clad raises on bad input."""
+
+
+class ImageLoadError(CladError, ValueError):
+    """An image or mask file cannot be read or is not usable."""
+
+
+class DatasetError(CladError, ValueError):
+    """A dataset folder is missing, empty or malformed."""
+
+
+class ConfigError(CladError, ValueError):
+    """A configuration or saved-model file is malformed."""
+
+
+class ModelNotFoundError(CladError, FileNotFoundError):
+    """A model that must be supplied by the user (e.g. CLIP weights) is not there."""

@@ -1,0 +1,42 @@
+"""Shared patch-feature extraction: multi-scale maps -> one grid of patch embeddings."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clad.backbones.base import Backbone
+from clad.data.io import as_rgb
+from clad.types import ImageLike
+
+
+def load_batch(images: Sequence[ImageLike]) -> tuple[list, list[tuple[int, int]]]:
+    """Decode images once; return RGB arrays and their (H, W)."""
+    arrays = [as_rgb(im) for im in images]
+    return arrays, [a.shape[:2] for a in arrays]
+
+
+@torch.inference_mode()
+def patch_embeddings(
+    backbone: Backbone,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    neighbourhood: int = 3,
+) -> torch.Tensor:
+    """Preprocessed batch (B, 3, S, S) -> patch embeddings (B, C, h, w) on the grid of the first layer.
+
+    Each layer is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local aggregation),
+    upsampled bilinearly to the first layer's grid and concatenated along channels.
+    """
+    feats = backbone(x, layers)
+    grid = feats[layers[0]].shape[-2:]
+    out = []
+    for name in layers:
+        f = feats[name]
+        if neighbourhood > 1:
+            f = F.avg_pool2d(f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        if f.shape[-2:] != grid:
+            f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)  # (B, C, h, w)

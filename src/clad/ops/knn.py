@@ -1,0 +1,41 @@
+"""Batched, memory-bounded nearest-neighbour search in torch."""
+from __future__ import annotations
+
+import torch
+
+# Largest distance block computed at once (query rows x bank rows), in float32 elements: 64 M = 256 MB.
+MAX_BLOCK = 64 * 1024 * 1024
+
+
+def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean k nearest neighbours of each query row in ``bank``.
+
+    query: (N, D), bank: (M, D). Returns (distances (N, k), indices (N, k)), ascending.
+    Works in blocks of both queries and bank rows so memory stays under ``max_block`` floats.
+    """
+    k = min(k, bank.shape[0])
+    n, m = query.shape[0], bank.shape[0]
+    bank_chunk = min(m, max(k, max_block // 1024))
+    q_chunk = max(1, max_block // bank_chunk)
+    bank_sq = (bank * bank).sum(1)  # (M,)
+    out_d = torch.empty(n, k, dtype=query.dtype, device=query.device)
+    out_i = torch.empty(n, k, dtype=torch.long, device=query.device)
+    for qs in range(0, n, q_chunk):
+        q = query[qs : qs + q_chunk]
+        q_sq = (q * q).sum(1, keepdim=True)  # (n, 1)
+        best_d, best_i = None, None
+        for bs in range(0, m, bank_chunk):
+            b = bank[bs : bs + bank_chunk]
+            d2 = (q_sq - 2.0 * q @ b.T + bank_sq[bs : bs + bank_chunk]).clamp_min_(0)  # (n, mb)
+            kk = min(k, d2.shape[1])
+            d, i = d2.topk(kk, dim=1, largest=False)
+            i = i + bs
+            if best_d is None:
+                best_d, best_i = d, i
+            else:
+                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                best_d, sel = cat_d.topk(k, dim=1, largest=False)
+                best_i = cat_i.gather(1, sel)
+        out_d[qs : qs + q_chunk] = best_d.sqrt()
+        out_i[qs : qs + q_chunk] = best_i
+    return out_d, out_i
