@@ -60,6 +60,12 @@ class EfficientNetLite0(Backbone):
                 break
         return out
 
+    def run_stage(self, stage: str, h: torch.Tensor, blocks: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
+        """Apply one stage to the output of the stage before it (``blocks``: a fine-tuned copy of the stage)."""
+        for block in blocks if blocks is not None else self.blocks_of_stage(stage):
+            h = block(h)
+        return h
+
     def blocks_of_stage(self, stage: str) -> list[torch.nn.Module]:
         """The MBConv blocks that make up one stage (for partial fine-tuning)."""
         bounds = [0] + [i + 1 for i, _, _ in _STAGES.values()]

@@ -48,6 +48,11 @@ class TinyCNN(Backbone):
                 out[names[i]] = h
         return out
 
+    def run_stage(self, stage: str, h: torch.Tensor, blocks=None) -> torch.Tensor:
+        for block in blocks if blocks is not None else self.blocks_of_stage(stage):
+            h = block(h)
+        return h
+
     def blocks_of_stage(self, stage: str) -> list[nn.Module]:
         return [self.stages[int(stage[-1]) - 1]]
 

@@ -1,0 +1,27 @@
+"""Datasets (MVTec AD, VisA, image folders), a synthetic MVTec-layout set, and robust image/mask reading."""
+from clad.data.datasets import (
+    ImageDataset,
+    ImageFolder,
+    MVTecAD,
+    VisA,
+    few_shot_paths,
+    list_categories,
+    open_dataset,
+)
+from clad.data.io import as_rgb, load_image, load_mask
+from clad.data.synthetic import make_synthetic_mvtec, synthetic_images
+
+__all__ = [
+    "ImageDataset",
+    "ImageFolder",
+    "MVTecAD",
+    "VisA",
+    "as_rgb",
+    "few_shot_paths",
+    "list_categories",
+    "load_image",
+    "load_mask",
+    "make_synthetic_mvtec",
+    "open_dataset",
+    "synthetic_images",
+]

@@ -30,9 +30,13 @@ def _open(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
-            img.load()  # decode now, so truncated data fails here and names the file
+            try:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
+                img.load()  # decode now, so truncated data fails here and names the file
+            except BaseException:
+                img.close()  # don't leak the file handle of a bad image
+                raise
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -42,14 +46,27 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
+def _deep_gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit grayscale (H, W) -> uint8 on a fixed scale, so every image of a set maps its values alike.
+
+    Stretching each image to its own min/max would make the same surface look different in a reference and in a
+    test image (e.g. a bright defect darkens everything else); that is only the fallback for unknown ranges.
+    """
+    a = np.where(np.isfinite(a), a, 0.0)  # NaN / inf pixels of float images count as black
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0  # full 16-bit range -> 0..255
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit grayscale: rescale the full range to 8 bits rather than clipping.
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        a = a.round().astype(np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = _deep_gray_to_uint8(np.asarray(img, dtype=np.float64), img.mode)
         return np.repeat(a[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -105,12 +122,16 @@ def as_rgb(image: ImageLike) -> np.ndarray:
         raise ImageLoadError(f"image array has shape {a.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
-    if a.shape[2] == 4:
-        a = a[..., :3]
     if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and a.size and float(a.max()) <= 1.0:
+        if a.dtype == bool:
+            a = a * 255.0
+        elif np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
             a = a * 255.0
         elif a.dtype == np.uint16:
             a = a / 257.0
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        a = np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+    if a.shape[2] == 4:
+        # composite on black, as load_image does for an RGBA file, so a path and its array give the same pixels
+        alpha = a[..., 3:].astype(np.float32) / 255.0
+        a = np.round(a[..., :3] * alpha).astype(np.uint8)
     return np.ascontiguousarray(a)

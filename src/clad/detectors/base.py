@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clad.errors import ConfigError
+from tqdm.auto import tqdm
 from clad.types import AnomalyResult, ImageLike
 
 FORMAT = "clad-detector"
@@ -53,12 +54,13 @@ class Detector:
         self.fitted_ = True
         return self
 
-    def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> AnomalyResult:
+    def predict(self, images: Sequence[ImageLike], batch_size: int = 16, progress: bool = False) -> AnomalyResult:
         """Score images: (B,) scores and one map per image at its own resolution."""
         self._check_fitted()
         images = list(images)
         parts = []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc=f"{self.name} predict", unit="batch", disable=not progress, leave=False):
             scores, maps = self._predict_batch(images[start : start + batch_size])
             parts.append(AnomalyResult(np.asarray(scores, np.float32), [m.astype(np.float32) for m in maps]))
         result = AnomalyResult.concat(parts)

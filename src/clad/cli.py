@@ -1,0 +1,275 @@
+"""The ``clad`` command: fit, predict, eval, demo (and bench, report as they land)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+DEFAULT_DETECTOR = "patchcore"
+
+
+def _parse_params(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, lists, true), else strings."""
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"clad: --param expects key=value, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _detector_params(args) -> dict:
+    params = _parse_params(args.param)
+    if getattr(args, "backbone", None):
+        params["backbone"] = args.backbone
+    if getattr(args, "seed", None) is not None:
+        params.setdefault("seed", args.seed)
+    return params
+
+
+def _build_detector(name: str, params: dict, category: str | None = None):
+    from clad.registry import create_detector, detector_class
+
+    cls = detector_class(name)
+    fields = getattr(cls.Config, "__dataclass_fields__", {})
+    if category and "category" in fields:
+        params.setdefault("category", category)
+    if "seed" not in fields:
+        params.pop("seed", None)
+    return create_detector(name, **params)
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"registry name (default {DEFAULT_DETECTOR}); see `clad list`")
+    p.add_argument("--backbone", help="backbone spec, e.g. efficientnet_lite0, tiny_cnn, clip:/path/to/hf_clip_folder")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the choice of references and the detector (default 0)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="mvtec:ROOT, visa:ROOT or folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
+    p.add_argument("--category", help="dataset category (e.g. bottle); not needed for folder:")
+    p.add_argument("--shots", default="all", help="number of normal references from train/good, or 'all' (default)")
+
+
+def _shots(value: str) -> int | None:
+    if str(value).lower() in ("all", "full", "none"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise SystemExit(f"clad: --shots must be a positive integer or 'all', got {value!r}")
+    if n < 1:
+        raise SystemExit(f"clad: --shots must be >= 1, got {n}")
+    return n
+
+
+# -- fit ------------------------------------------------------------------------------------------------------
+def cmd_fit(args) -> int:
+    from clad.data import open_dataset
+    from clad.evaluate import load_split
+
+    train = open_dataset(args.data, args.category, "train", n_shots=_shots(args.shots), seed=args.seed)
+    samples, failures = load_split(train, desc="loading references")
+    for f in failures:
+        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+    det = _build_detector(args.detector, _detector_params(args), args.category)
+    t0 = time.perf_counter()
+    det.fit([s.image for s in samples])
+    if args.threshold is not None:
+        det.set_threshold(args.threshold)
+    out = det.save(args.out)
+    print(f"fitted {det.name} on {len(samples)} reference image(s) in {time.perf_counter() - t0:.1f} s -> {out}")
+    return 0
+
+
+# -- predict --------------------------------------------------------------------------------------------------
+def _list_inputs(path: Path) -> tuple[Path, list[Path]]:
+    from clad.data.io import IMAGE_SUFFIXES
+
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise SystemExit(f"clad: {path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"clad: {path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return path, files
+
+
+def cmd_predict(args) -> int:
+    from clad.data.io import load_image
+    from clad.detectors.base import load_detector
+    from clad.errors import CladError
+
+    det = load_detector(args.model)
+    if args.threshold is not None:
+        det.set_threshold(args.threshold)
+    root, files = _list_inputs(Path(args.input))
+    out = Path(args.out)
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    has_threshold = det.threshold_ is not None
+    header = ["path", "score"] + (["label"] if has_threshold else [])
+    n_ok, n_bad = 0, 0
+    with open(out / "predictions.csv", "w", newline="") as fh, open(out / "errors.csv", "w", newline="") as eh:
+        writer, errors = csv.writer(fh), csv.writer(eh)
+        writer.writerow(header)
+        errors.writerow(["path", "error"])
+        for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
+            batch, images = [], []
+            for f in files[start : start + args.batch_size]:
+                try:
+                    images.append(load_image(f))
+                    batch.append(f)
+                except CladError as e:
+                    n_bad += 1
+                    errors.writerow([str(f), str(e)])
+                    print(f"skipped: {e}", file=sys.stderr)
+            if not images:
+                continue
+            result = det.predict(images, batch_size=len(images))
+            for i, f in enumerate(batch):
+                rel = f.relative_to(root)
+                map_path = (out / "maps" / rel).with_suffix(".npy")
+                map_path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(map_path, result.anomaly_maps[i].astype(np.float32))
+                row = [str(f), f"{result.scores[i]:.6g}"]
+                if has_threshold:
+                    row.append("anomalous" if result.labels[i] else "normal")
+                writer.writerow(row)
+                n_ok += 1
+            fh.flush()  # what is done stays done, whatever comes next
+    print(f"{n_ok} image(s) scored, {n_bad} skipped -> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+    return 0 if n_ok else 1
+
+
+# -- eval -----------------------------------------------------------------------------------------------------
+EVAL_ROWS = [
+    ("image AUROC", "image_auroc"),
+    ("pixel AUROC", "pixel_auroc"),
+    ("AUPRO (FPR<=0.3)", "aupro"),
+    ("image F1-max", "image_f1_max"),
+    ("pixel F1-max", "pixel_f1_max"),
+    ("image AP", "image_ap"),
+    ("pixel AP", "pixel_ap"),
+    ("IoU", "iou"),
+    ("mean IoU (defective)", "mean_iou"),
+    ("fit time (s)", "fit_seconds"),
+    ("predict (ms/image)", "predict_ms_per_image"),
+]
+
+
+def cmd_eval(args) -> int:
+    from clad.data import open_dataset
+    from clad.evaluate import environment, evaluate
+
+    shots = _shots(args.shots)
+    train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
+    test = open_dataset(args.data, args.category, "test")
+    det = _build_detector(args.detector, _detector_params(args), args.category)
+    res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size)
+    res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
+    name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
+    print(name)
+    for label, key in EVAL_ROWS:
+        v = res.get(key)
+        print(f"  {label:<22} {v:.4f}" if isinstance(v, float) else f"  {label:<22} {v}")
+    print(f"  IoU threshold          {res.get('iou_threshold', float('nan')):.4g} ({res.get('iou_threshold_source')})")
+    for f in res["failures"]:
+        print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2, default=_json_default))
+        print(f"  written {args.out}")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+# -- demo -----------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from clad.demo import run_demo
+
+    run_demo(Path(args.out), detector=args.detector, backbone=args.backbone)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from clad.registry import list_backbones, list_detectors
+
+    print("detectors:", ", ".join(list_detectors()))
+    print("backbones:", ", ".join(list_backbones()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clad", description="Industrial visual anomaly detection and localization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit a detector on normal reference images and save it")
+    _add_data_args(p)
+    _add_detector_args(p)
+    p.add_argument("--threshold", type=float, help="decision threshold on the score, saved with the model")
+    p.add_argument("--out", required=True, help="folder to save the model in (config.json + model.safetensors)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="score images with a saved model; write scores and anomaly maps")
+    p.add_argument("--model", required=True, help="folder written by `clad fit`")
+    p.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/**/*.npy")
+    p.add_argument("--threshold", type=float, help="label images whose score is above this")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="fit on references and measure on a labelled test split")
+    _add_data_args(p)
+    _add_detector_args(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
+    p.add_argument("--out", help="write every figure with its settings to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a built-in synthetic set, offline")
+    p.add_argument("--out", default="clad_demo", help="report folder (default ./clad_demo)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR)
+    p.add_argument("--backbone", default=None, help="default: the detector's own (efficientnet_lite0)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="list the registered detectors and backbones")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clad.errors import CladError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "pixel_eval_size", None) == 0:
+        args.pixel_eval_size = None
+    try:
+        return args.func(args)
+    except (CladError, KeyError) as e:
+        print(f"clad: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

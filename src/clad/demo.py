@@ -1,0 +1,32 @@
+"""``clad demo``: the whole pipeline on a built-in synthetic set, offline, in well under a minute."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clad.data import MVTecAD, make_synthetic_mvtec
+from clad.evaluate import environment, evaluate
+from clad.registry import create_detector
+
+
+def run_demo(out: Path, detector: str = "patchcore", backbone: str | None = None, seed: int = 0) -> dict:
+    """Build a synthetic MVTec-layout set, fit on its normal images, predict its test set, write a report."""
+    from clad.report import write_report
+
+    out = Path(out)
+    data_root = make_synthetic_mvtec(out / "data", category="synthetic_tile", n_train=12, n_test_good=6,
+                                     n_test_defect=12, size=192, seed=seed)
+    train = MVTecAD(data_root, "synthetic_tile", "train")
+    test = MVTecAD(data_root, "synthetic_tile", "test")
+    params = {"backbone": backbone} if backbone else {}
+    det = create_detector(detector, **params)
+    res = evaluate(det, train, test, keep_predictions=True)
+    pred = res.pop("_predictions")
+    res["environment"] = environment()
+    report = write_report(out / "report", pred["samples"], pred["result"], title=f"clad demo: {det.name} on a synthetic tile set", metrics=res)
+    (out / "metrics.json").write_text(json.dumps(res, indent=2, default=str))
+    print(f"demo: {det.name} fitted on {res['n_references']} normal images in {res['fit_seconds']:.1f} s; "
+          f"{res['n_test']} test images at {res['predict_ms_per_image']:.0f} ms each")
+    print(f"demo: image AUROC {res['image_auroc']:.3f}, pixel AUROC {res['pixel_auroc']:.3f}, AUPRO {res['aupro']:.3f}")
+    print(f"demo: report -> {report}")
+    return res

@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic images, the shared real-data folder, tiny models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def texture(size: tuple[int, int], seed: int) -> np.ndarray:
+    """A smooth, slightly noisy striped texture (H, W, 3) uint8: a stand-in for a normal surface."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 128 + 40 * np.sin(xx / 5.0) + 20 * np.cos(yy / 7.0)
+    img = base[..., None] + rng.normal(0, 4, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def plant_square(image: np.ndarray, top: int, left: int, side: int, value: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """Copy of ``image`` with a bright square; returns (image, mask)."""
+    out = image.copy()
+    out[top : top + side, left : left + side] = value
+    mask = np.zeros(image.shape[:2], bool)
+    mask[top : top + side, left : left + side] = True
+    return out, mask
+
+
+@pytest.fixture
+def normal_images() -> list[np.ndarray]:
+    return [texture((64, 64), seed) for seed in range(4)]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/README.md)")
+    return SHARED_DATA
