@@ -42,3 +42,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/README.md)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random-initialised CLIP (weights + tokenizer) saved to a folder, built offline."""
+    from clad.backbones.clip import build_random_clip
+
+    return build_random_clip(tmp_path_factory.mktemp("tiny_clip"))

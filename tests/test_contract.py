@@ -10,7 +10,7 @@ from conftest import plant_square, texture
 
 # Tiny settings per detector; a detector absent here runs with these defaults.
 DEFAULT_PARAMS = {"backbone": "tiny_cnn", "image_size": 64}
-SPECIAL = {"winclip": "needs_clip", "clad": "needs_text"}
+
 
 
 def params_for(name: str, request) -> dict:
@@ -33,7 +33,7 @@ def clad_params(request) -> dict:
     return {"backbone": "tiny_cnn", "image_size": 64, "text_encoder": f"clip:{path}", "epochs": 2}
 
 
-EXTRA_PARAMS = {"winclip": tiny_clip_params, "clad": clad_params}
+EXTRA_PARAMS = {"winclip": tiny_clip_params, "clad": clad_params, "clad_plus": clad_params}
 
 
 @pytest.fixture(params=clad.list_detectors())
