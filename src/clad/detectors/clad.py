@@ -76,7 +76,7 @@ def object_name(category: str | None, override: str | None) -> str:
 @dataclass
 class CLADConfig:
     backbone: str = "efficientnet_lite0"
-    text_encoder: str = "minilm"  # or "clip:PATH"
+    text_encoder: str = "auto"  # "minilm", "clip:PATH"; auto = the backbone's CLIP text tower, else MiniLM
     category: str | None = None
     object_name: str | None = None
     descriptions: dict | None = None  # {"normal": [...], kind: [...]} with "{}" for the object name
@@ -151,8 +151,12 @@ class CLAD(Detector):
         for p in self.backbone_.parameters():
             p.requires_grad_(False)
         first, last = cfg.layers
-        self.tail_ = nn.ModuleList(copy.deepcopy(self.backbone_.blocks_of_stage(last))) if cfg.finetune_stages else None
-        self.text_ = create_text_encoder(cfg.text_encoder)
+        tunable = cfg.finetune_stages and hasattr(self.backbone_, "run_stage")
+        self.tail_ = nn.ModuleList(copy.deepcopy(self.backbone_.blocks_of_stage(last))) if tunable else None
+        text_spec = cfg.text_encoder
+        if text_spec == "auto":  # the CLIP text tower beside a CLIP image tower, else MiniLM
+            text_spec = cfg.backbone if cfg.backbone.startswith("clip:") else "minilm"
+        self.text_ = create_text_encoder(text_spec)
         for p in self.text_.parameters():
             p.requires_grad_(False)
         self.text_trainable_ = [p for m in self.text_.layers_for_finetuning(cfg.finetune_text_layers) for p in m.parameters()]
@@ -166,6 +170,10 @@ class CLAD(Detector):
     def _stage_features(self, x: torch.Tensor, tuned: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> (first-stage map, last-stage map); the last uses the fine-tuned copy when ``tuned``."""
         first, last = self.config.layers
+        if not hasattr(self.backbone_, "run_stage"):  # e.g. a CLIP ViT: frozen, both maps from one pass
+            with torch.no_grad():
+                f = self.backbone_(x, [first, last])
+            return f[first], f[last]
         with torch.no_grad():
             h1 = self.backbone_(x, [first])[first]
         blocks = self.tail_ if (tuned and self.tail_ is not None) else None
@@ -357,24 +365,35 @@ class CLAD(Detector):
         return scores.numpy(), maps_to_images(maps, shapes)
 
     def _gradcam(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: Grad-CAM of ||z_v - z_t||^2 w.r.t. the last stage's activations, on that stage's grid."""
-        first, last = self.config.layers
+        """Eq. 5: Grad-CAM of ||z_v - z_t||^2 w.r.t. the last stage's activations, on that stage's grid.
+
+        Only the path from the activations A to the score is differentiated, so frozen encoders work too.
+        """
         with torch.no_grad():
-            h1 = self.backbone_(x, [first])[first]
+            h1, h2 = self._stage_features(x, tuned=True)
         with torch.enable_grad():
-            h1 = h1.detach()
-            if self.tail_ is not None:
-                h2 = self.backbone_.run_stage(last, h1, self.tail_)
-            else:
-                h2 = self.backbone_.run_stage(last, h1.requires_grad_(True))
-            if not h2.requires_grad:
-                h2.requires_grad_(True)
-            h2.retain_grad()
+            h2 = h2.detach().requires_grad_(True)
             z = self._embed_patches(self._combine(h1, h2))
             z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
             dist = ((z_img - self.text_embeddings_[0]) ** 2).sum(1)
             cam = grad_cam(dist, h2)
         return cam.detach()
+
+    # -- the shared space, for explanations ---------------------------------------------------------------
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Descriptions -> (N, D) L2-normalised embeddings in the shared space."""
+        self._check_fitted()
+        raw = self.text_(self.text_.tokenize(list(texts)))
+        return F.normalize(self.heads_.g_t(raw), dim=-1)
+
+    @torch.no_grad()
+    def embed_patches(self, images) -> torch.Tensor:
+        """Images -> (B, D, h, w) L2-normalised patch embeddings in the shared space (working grid)."""
+        self._check_fitted()
+        arrays, _ = load_batch(images)
+        x = self.backbone_.preprocess(arrays, self.config.image_size)
+        return self._maps(x, need_memory=False)[2]
 
     # -- state --------------------------------------------------------------------------------------------
     def _get_state(self):

@@ -1,0 +1,116 @@
+"""CLAD specifics: Eq. 3 by hand, synthetic anomalies, Grad-CAM, ablations, CLIP encoders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import clad
+from clad.ops.gradcam import grad_cam
+from clad.ops.losses import contrastive_loss, supervised_loss
+from clad.synthesis import KINDS, make_anomaly
+from conftest import plant_square, texture
+
+
+def test_contrastive_loss_matches_hand_computation():
+    z_v = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    z_t = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    alpha, beta = 0.5, 3.0
+    # squared distances: item0 -> (0, 2); item1 -> (1, 1); item2 -> (4, 2)
+    pos = [max(0, 0 - alpha), max(0, 1 - alpha), max(0, 2 - alpha)]  # own description
+    neg = [max(0, beta - 2), max(0, beta - 1), max(0, beta - 4)]  # the other one
+    expected = np.mean(pos) + np.mean(neg)
+    got = contrastive_loss(z_v, z_t, y, alpha, beta)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    w = torch.tensor([1.0, 0.0, 1.0])
+    expected_w = (pos[0] + neg[0] + pos[2] + neg[2]) / 2
+    assert contrastive_loss(z_v, z_t, y, alpha, beta, weights=w).item() == pytest.approx(expected_w, abs=1e-6)
+
+
+def test_supervised_loss_prefers_the_right_description():
+    z_t = torch.eye(3)
+    good = supervised_loss(torch.eye(3), z_t, torch.arange(3))
+    bad = supervised_loss(torch.eye(3), z_t, torch.tensor([1, 2, 0]))
+    assert good < bad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_synthetic_kind_changes_the_masked_pixels(kind):
+    img = texture((96, 96), 0)
+    a = make_anomaly(img, np.random.default_rng(3), kinds=[kind])
+    assert a.kind == kind and a.mask.shape == img.shape[:2] and a.mask.any()
+    changed = np.abs(a.image.astype(int) - img.astype(int)).max(-1) > 0
+    assert changed[a.mask].mean() > 0.5  # the defect is where its mask says
+    b = make_anomaly(img, np.random.default_rng(3), kinds=[kind])
+    np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_grad_cam_weights_activations_by_mean_gradient():
+    a = torch.rand(1, 2, 3, 3, requires_grad=True)
+    score = (a[:, 0] * 2.0).sum(dim=(1, 2)) - (a[:, 1] * 1.0).sum(dim=(1, 2))
+    cam = grad_cam(score, a)
+    expected = torch.relu(2.0 * a[0, 0] - 1.0 * a[0, 1]).detach()
+    torch.testing.assert_close(cam[0], expected)
+
+
+def _tiny(tiny_clip_dir, **kw):
+    params = dict(backbone="tiny_cnn", image_size=64, text_encoder=f"clip:{tiny_clip_dir}", epochs=3, n_train_images=24)
+    params.update(kw)
+    return params
+
+
+def test_clad_plus_finds_a_planted_defect(tiny_clip_dir):
+    refs = [texture((64, 64), s) for s in range(2)]
+    # A random tiny CNN trained for a few steps gives an uninformed language map; weight the memory up.
+    det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_weight=0.9)).fit(refs)
+    bad, mask = plant_square(texture((64, 64), 11), 20, 30, 12)
+    res = det.predict([texture((64, 64), 10), bad])
+    assert res.scores[1] > res.scores[0]
+    peak = np.unravel_index(res.anomaly_maps[1].argmax(), mask.shape)
+    assert mask[peak]
+
+
+@pytest.mark.parametrize("params", [{"loss": "supervised"}, {"finetune_stages": 0, "finetune_text_layers": 0},
+                                    {"localization": "gradcam"}, {"image_score": "max"}])
+def test_ablations_and_options_run(tiny_clip_dir, params):
+    refs = [texture((64, 64), s) for s in range(2)]
+    det = clad.create_detector("clad", **_tiny(tiny_clip_dir, **params)).fit(refs)
+    res = det.predict([texture((64, 64), 5), texture((40, 72), 6)])
+    assert [m.shape for m in res.anomaly_maps] == [(64, 64), (40, 72)]
+    assert np.isfinite(res.scores).all()
+    if params.get("localization") == "gradcam":
+        assert all((m >= 0).all() for m in res.anomaly_maps)
+
+
+def test_frozen_parts_stay_frozen(tiny_clip_dir):
+    refs = [texture((64, 64), s) for s in range(2)]
+    det = clad.create_detector("clad", **_tiny(tiny_clip_dir))
+    before = {k: v.clone() for k, v in clad.create_backbone("tiny_cnn").state_dict().items()}
+    det.fit(refs)
+    after = det.backbone_.state_dict()
+    for k, v in before.items():  # the original backbone (used by the memory) never changes
+        torch.testing.assert_close(after[k], v)
+    tuned = dict(det.tail_.named_parameters())
+    orig = dict(torch.nn.ModuleList(det.backbone_.blocks_of_stage("stage3")).named_parameters())
+    assert any(not torch.equal(tuned[k], orig[k]) for k in tuned)  # the fine-tuned copy did move
+
+
+def test_clip_image_tower_as_visual_encoder(tiny_clip_dir):
+    """With a CLIP backbone (frozen ViT), the text side defaults to the same model's text tower."""
+    refs = [texture((32, 32), s) for s in range(2)]
+    det = clad.create_detector("clad", backbone=f"clip:{tiny_clip_dir}", layers=("block1", "last"), epochs=2, n_train_images=8)
+    det.fit(refs)
+    assert det.tail_ is None and type(det.text_).__name__ == "CLIPText"
+    res = det.predict([texture((32, 32), 4)])
+    assert res.anomaly_maps[0].shape == (32, 32)
+
+
+def test_embed_texts_and_patches_live_in_one_space(tiny_clip_dir):
+    refs = [texture((64, 64), s) for s in range(2)]
+    det = clad.create_detector("clad", **_tiny(tiny_clip_dir)).fit(refs)
+    t = det.embed_texts(["a scratch", "a hole"])
+    p = det.embed_patches(refs[:1])
+    assert t.shape[1] == p.shape[1] == det.config.embed_dim
+    torch.testing.assert_close(t.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(p.shape[0], *p.shape[2:]))
