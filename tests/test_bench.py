@@ -1,0 +1,238 @@
+"""``clad bench``: spec parsing, aggregation by hand, cached/resumable runs, failures, and the rating round trip."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from clad import bench
+from clad.bench import DetectorSpec, aggregate, fmt_stat, parse_data_specs, parse_detector_spec, parse_detector_specs
+from clad.cli import main
+
+KNN = "patch_knn[backbone=tiny_cnn;image_size=64]@knn"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from clad.data import make_synthetic_mvtec
+
+    root = tmp_path_factory.mktemp("bench_data")
+    make_synthetic_mvtec(root, category="tile", n_train=3, n_test_good=2, n_test_defect=3, size=64, seed=0)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def test_detector_spec_syntax():
+    assert parse_detector_spec("patchcore") == DetectorSpec("patchcore", {}, "patchcore")
+    assert parse_detector_spec("patchcore").is_plain
+    s = parse_detector_spec("clad[finetune_stages=0;finetune_text_layers=0]@clad-no-finetune")
+    assert s == DetectorSpec("clad", {"finetune_stages": 0, "finetune_text_layers": 0}, "clad-no-finetune")
+    assert not s.is_plain
+    s = parse_detector_spec('clad[loss=supervised; lr=1e-4; memory=true; layers=["stage1","stage3"]]')
+    assert s.params == {"loss": "supervised", "lr": 1e-4, "memory": True, "layers": ["stage1", "stage3"]}
+    assert s.label == 'clad[loss=supervised;lr=1e-4;memory=true;layers=["stage1","stage3"]]'  # no label: the spec
+    specs = parse_detector_specs(f'clad,{KNN},patch_knn[layers=["stage2","stage3"]]@k2')  # commas inside [] stay
+    assert [d.label for d in specs] == ["clad", "knn", "k2"]
+    assert specs[1].params == {"backbone": "tiny_cnn", "image_size": 64}
+    assert specs[2].params == {"layers": ["stage2", "stage3"]}
+    for bad in ("clad[loss]", "clad[=1]", "9clad", "clad[a=1;a=2]", "clad@x@y"):
+        with pytest.raises(ValueError):
+            parse_detector_spec(bad)
+    with pytest.raises(ValueError, match="used twice"):
+        parse_detector_specs("clad,clad")
+
+
+def test_data_and_shots_syntax(tmp_path):
+    specs = parse_data_specs(f"mvtec:{tmp_path}/m,folder:{tmp_path}/g,{tmp_path}/d,visa:{tmp_path}/v")
+    assert specs == [f"mvtec:{tmp_path}/m", f"folder:{tmp_path}/g,{tmp_path}/d", f"visa:{tmp_path}/v"]
+    with pytest.raises(ValueError):
+        parse_data_specs("imagenet:/x")
+    assert bench.parse_shots("1,2,4,all") == [1, 2, 4, None]
+    with pytest.raises(ValueError):
+        bench.parse_shots("0")
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def _rec(category, label, seed, value, status="ok", dataset="mvtec:/d", shots="1"):
+    return {"status": status, "settings": {"dataset": dataset, "category": category, "label": label,
+                                           "shots": shots, "seed": seed},
+            "metrics": {"image_auroc": value} if status == "ok" else {}}
+
+
+def test_aggregate_mean_over_categories_then_mean_std_over_seeds():
+    # category x: 0.8, 0.9, 0.7; category y: 0.6, 0.7, 0.9 -> per seed 0.7, 0.8, 0.8
+    recs = [_rec("x", "a", s, v) for s, v in enumerate([0.8, 0.9, 0.7])]
+    recs += [_rec("y", "a", s, v) for s, v in enumerate([0.6, 0.7, 0.9])]
+    st = aggregate(recs, "image_auroc")[("mvtec:/d", "a", "1")]
+    assert st.values == pytest.approx({0: 0.7, 1: 0.8, 2: 0.8})
+    assert st.mean == pytest.approx(2.3 / 3)
+    assert st.std == pytest.approx(math.sqrt(((0.7 - 2.3 / 3) ** 2 + 2 * (0.8 - 2.3 / 3) ** 2) / 2))  # ddof=1
+    assert (st.n, st.n_seeds) == (3, 3)
+    assert fmt_stat(st, "image_auroc") == "76.7 ± 5.8"
+
+    # a failed run (or a NaN) leaves its seed out instead of averaging fewer categories
+    recs_b = [_rec("x", "b", 0, 0.5), _rec("y", "b", 0, 0.7), _rec("x", "b", 1, 0.9), _rec("y", "b", 1, None, "failed"),
+              _rec("x", "b", 2, 0.6), _rec("y", "b", 2, float("nan"))]
+    st = aggregate(recs + recs_b, "image_auroc")[("mvtec:/d", "b", "1")]
+    assert (st.mean, st.n, st.n_seeds) == (pytest.approx(0.6), 1, 3)
+    assert math.isnan(st.std)
+    assert fmt_stat(st, "image_auroc") == "60.0 (1/3 runs)"
+
+    per_cat = aggregate(recs, "image_auroc", ("dataset", "category", "label", "shots"))
+    st = per_cat[("mvtec:/d", "y", "a", "1")]
+    assert st.mean == pytest.approx(0.7 + 0.1 / 3)
+    assert st.std == pytest.approx(0.152752523, abs=1e-8)  # std(ddof=1) of 0.6, 0.7, 0.9, by hand
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def test_bench_writes_report_and_second_invocation_uses_the_cache(synth, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    args = dict(data=f"mvtec:{synth}", categories="tile", detectors=KNN, shots="1", runs=2, progress=False)
+    first = bench.run_bench(out, **args)
+    assert (first["ran"], first["cached"], first["failed"]) == (2, 0, 0)
+    assert (out / "report.md").is_file() and (out / "results.json").is_file()
+    assert len(list((out / "runs").glob("*.json"))) == 2
+    assert first["plots"] and all((out / p).is_file() and (out / p).suffix == ".png" for p in first["plots"])
+    report = (out / "report.md").read_text()
+    for text in ("Table 1", "Table 2", "Table 4", "Speed and memory", "Per-category", "published (paper, 1-shot",
+                 "ddof = 1", "pixel F1-max threshold", "15 MVTec AD", "plots/"):
+        assert text in report
+    doc = json.loads((out / "results.json").read_text())
+    run = doc["runs"][0]
+    assert run["settings"]["seed"] in (0, 1) and run["settings"]["resolved_params"]["seed"] == run["settings"]["seed"]
+    assert run["environment"]["clad"] and run["backbone"] == "tiny_cnn" and run["image_size"] == 64
+    assert run["metrics"]["backbone_ms_per_image"] > 0 and run["metrics"]["predict_over_backbone"] > 0
+    assert len(run["predictions"]["scores"]) == len(run["predictions"]["labels"]) == 5  # ROC can be redrawn
+    row = doc["tables"]["table1"][0]
+    assert row["image_auroc"]["n_runs"] == 2
+    assert row["image_auroc"]["mean"] == pytest.approx(sum(r["metrics"]["image_auroc"] for r in doc["runs"]) / 2)
+
+    from clad.detectors.patch_knn import PatchKNN
+
+    def no_fit(self, images):
+        raise AssertionError("a cached run was fitted again")
+
+    monkeypatch.setattr(PatchKNN, "fit", no_fit)
+    capsys.readouterr()
+    assert main(["bench", "--data", f"mvtec:{synth}", "--categories", "tile", "--detectors", KNN, "--shots", "1",
+                 "--runs", "2", "--out", str(out), "--no-plots"]) == 0
+    assert capsys.readouterr().out.count(": cached\n") == 2
+    second = bench.run_bench(out, **args)
+    assert (second["ran"], second["cached"], second["failed"]) == (0, 2, 0)
+
+
+def test_interrupted_bench_goes_on_where_it_stopped(synth, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    args = dict(data=f"mvtec:{synth}", categories="tile", detectors=KNN, shots="1", runs=3, progress=False,
+                plots=False)
+    real, calls = bench.execute_run, []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "execute_run", stop_at_second)
+    first = bench.run_bench(out, **args)
+    assert first["interrupted"] and first["ran"] == 1
+    assert "interrupted" in (out / "report.md").read_text()
+    monkeypatch.setattr(bench, "execute_run", real)
+    second = bench.run_bench(out, **args)
+    assert (second["ran"], second["cached"], second["interrupted"]) == (2, 1, False)
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(synth, tmp_path):
+    out = tmp_path / "bench"
+    dets = f"{KNN},patch_knn[backbone=tiny_cnn;image_size=64;bogus=1]@bad"
+    assert main(["bench", "--data", f"mvtec:{synth}", "--categories", "tile", "--detectors", dets,
+                 "--runs", "1", "--out", str(out), "--no-plots"]) == 1  # 1: some run failed
+    doc = json.loads((out / "results.json").read_text())
+    by_label = {r["settings"]["label"]: r for r in doc["runs"]}
+    assert by_label["knn"]["status"] == "ok"
+    bad = by_label["bad"]
+    assert bad["status"] == "failed" and "bogus" in bad["error"] and "Traceback" not in bad["error"]
+    assert "make_config" in bad["traceback"]
+    report = (out / "report.md").read_text()
+    assert "**1 failed**" in report and "bogus" in report.split("## Failed runs")[1]
+    summary = bench.run_bench(out, f"mvtec:{synth}", "tile", dets, "1", 1, progress=False, plots=False)
+    assert (summary["cached"], summary["failed"], summary["ran"]) == (1, 1, 0)  # failures are retried, not cached
+
+
+def test_rating_sheet_round_trip(synth, tmp_path, capsys):
+    sheet_dir = tmp_path / "sheet"
+    dets = f'{KNN},patch_knn[backbone=tiny_cnn;image_size=64;layers=["stage1","stage2"]]@knn12'
+    assert main(["bench", "--rating-sheet", str(sheet_dir), "--data", f"mvtec:{synth}", "--categories", "tile",
+                 "--detectors", dets, "--shots", "1", "--n-images", "2", "--seed", "0"]) == 0
+    rows = list(csv.DictReader(open(sheet_dir / "sheet.csv")))
+    assert len(rows) == 4 and {r["option"] for r in rows} == {"A", "B"} and all(r["rating"] == "" for r in rows)
+    assert all((sheet_dir / r["image"]).is_file() and (sheet_dir / r["ground_truth"]).is_file() for r in rows)
+    assert not any("knn" in v for r in rows for v in r.values())  # the sheet does not reveal the detector
+    key = json.loads((sheet_dir / "key.json").read_text())["options"]
+    assert set(key) == {r["image_id"] for r in rows}
+
+    wanted = {"rater1": {"knn": 5, "knn12": 3}, "rater2": {"knn": 4, "knn12": 1}}
+    sheets = []
+    for rater, score in wanted.items():
+        path = tmp_path / f"{rater}.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            for i, r in enumerate(rows):
+                blank = rater == "rater2" and i == 0  # one rating left blank
+                w.writerow(dict(r, rating="" if blank else score[key[r["image_id"]][r["option"]]]))
+        sheets.append(str(path))
+    skipped = key[rows[0]["image_id"]][rows[0]["option"]]
+    expected = {}
+    for lab in ("knn", "knn12"):
+        vals = [5 if lab == "knn" else 3] * 2 + [4 if lab == "knn" else 1] * (1 if lab == skipped else 2)
+        mean = sum(vals) / len(vals)
+        expected[lab] = (mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)), len(vals))
+
+    capsys.readouterr()
+    assert main(["bench", "--ratings", ",".join(sheets), "--key", str(sheet_dir / "key.json"),
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 3" in printed and (tmp_path / "table3.md").read_text() in printed
+    table = bench.import_ratings(sheets, sheet_dir / "key.json")
+    assert table["n_blank"] == 1
+    for row in table["rows"]:
+        mean, std, n = expected[row["detector"]]
+        assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std)
+        assert (row["n_ratings"], row["n_raters"], row["n_images"]) == (n, 2, 2)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"image_id,option,rating\n{rows[0]['image_id']},A,7\n")
+    from clad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="integer 1-5"):
+        bench.import_ratings([str(bad)], sheet_dir / "key.json")
+
+
+def test_report_puts_published_numbers_beside_plain_detectors_and_lists_ablations():
+    specs = parse_detector_specs("clad,clad[loss=supervised]@clad-no-contrastive,patchcore[image_size=128]@pc128")
+    recs = []
+    for seed in (0, 1):
+        for spec, v in zip(specs, (0.9, 0.8, 0.7)):
+            r = _rec("bottle", spec.label, seed, v + 0.01 * seed)
+            r["settings"]["detector"] = spec.name
+            r["metrics"].update(pixel_auroc=v, iou=0.5)
+            recs.append(r)
+    md, tables = bench.render_report(recs, {"seeds": [0, 1], "pixel_eval_size": 256, "batch_size": 16}, {}, specs,
+                                     {}, n_planned=len(recs), interrupted=False)
+    table1 = md.split("## Table 1")[1].split("## Table 2")[0]
+    assert "| clad | 1 | 90.5 ± 0.7 | 90.0 ± 0.0 |" in table1 and "94.1 ± 1.1 / 95.3 ± 0.1 |" in table1
+    assert next(line for line in table1.splitlines() if line.startswith("| pc128")).endswith("| — |")  # not plain
+    table2 = md.split("## Table 2")[1].split("## Table 3")[0]
+    assert "CLAD (full)" in table2 and "clad-no-contrastive" in table2 and "88.5 ± 2.3 / 91.2 ± 1.0" in table2
+    assert "pc128" not in table2
+    assert "0.80" in md.split("## Table 4")[1].split("## Speed")[0]
+    assert [r["label"] for r in tables["table1"]] == ["clad", "clad-no-contrastive", "pc128"]
