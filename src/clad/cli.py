@@ -121,6 +121,7 @@ def cmd_predict(args) -> int:
     has_threshold = det.threshold_ is not None
     header = ["path", "score"] + (["label"] if has_threshold else [])
     n_ok, n_bad = 0, 0
+    explainer, explained, shown = _explainer(det, args), [], []
     with open(out / "predictions.csv", "w", newline="") as fh, open(out / "errors.csv", "w", newline="") as eh:
         writer, errors = csv.writer(fh), csv.writer(eh)
         writer.writerow(header)
@@ -138,6 +139,10 @@ def cmd_predict(args) -> int:
             if not images:
                 continue
             result = det.predict(images, batch_size=len(images))
+            if explainer is not None:
+                explained += explainer.explain(images, result, paths=[str(f) for f in batch])
+            if args.report:
+                shown += [(str(f), im, result.anomaly_maps[i], result.scores[i]) for i, (f, im) in enumerate(zip(batch, images))]
             for i, f in enumerate(batch):
                 rel = f.relative_to(root)
                 map_path = (out / "maps" / rel).with_suffix(".npy")
@@ -150,7 +155,30 @@ def cmd_predict(args) -> int:
                 n_ok += 1
             fh.flush()  # what is done stays done, whatever comes next
     print(f"{n_ok} image(s) scored, {n_bad} skipped -> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+    if args.explain:
+        (out / "explanations.json").write_text(json.dumps([e.to_dict() for e in explained], indent=2))
+        print(f"explanations -> {out / 'explanations.json'}")
+    if args.report and shown:
+        from clad.report import write_report
+        from clad.types import AnomalyResult, Sample
+
+        samples = [Sample(im, None, None, path, "") for path, im, _, _ in shown]
+        result = AnomalyResult(np.array([s for *_, s in shown], np.float32), [m for _, _, m, _ in shown], det.threshold_)
+        if det.threshold_ is not None:
+            result.labels = result.scores > det.threshold_
+        page = write_report(args.report, samples, result, title=f"clad predict: {det.name} on {args.input}", explanations=explained)
+        print(f"report -> {page}")
     return 0 if n_ok else 1
+
+
+def _explainer(det, args):
+    """The Explainer of ``predict --explain / --report`` (None when neither is asked for)."""
+    if not (args.explain or args.report):
+        return None
+    from clad.explain import Catalogue, Explainer
+
+    catalogue = Catalogue.from_folder(args.catalogue) if args.catalogue else None
+    return Explainer(det, catalogue=catalogue, pixel_threshold=args.pixel_threshold).fit()
 
 
 # -- eval -----------------------------------------------------------------------------------------------------
@@ -177,7 +205,9 @@ def cmd_eval(args) -> int:
     train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
     test = open_dataset(args.data, args.category, "test")
     det = _build_detector(args.detector, _detector_params(args), args.category)
-    res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size)
+    res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size,
+                   keep_predictions=args.explain)
+    pred = res.pop("_predictions", None)
     res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
     name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
     print(name)
@@ -185,12 +215,46 @@ def cmd_eval(args) -> int:
         v = res.get(key)
         print(f"  {label:<22} {v:.4f}" if isinstance(v, float) else f"  {label:<22} {v}")
     print(f"  IoU threshold          {res.get('iou_threshold', float('nan')):.4g} ({res.get('iou_threshold_source')})")
+    if args.explain:
+        from clad.explain import Catalogue
+        from clad.explain.quality import evaluate_naming, format_naming, held_out_normals
+
+        normals = held_out_normals(open_dataset(args.data, args.category, "train"), train, seed=args.seed)
+        res["explain"] = evaluate_naming(
+            det, pred["samples"], pred["result"], catalogue_shots=args.catalogue_shots, seed=args.seed,
+            catalogue=Catalogue.from_folder(args.catalogue) if args.catalogue else None, normal_images=normals or None)
+        print("  defect type named by the explanations:\n" + format_naming(res["explain"]))
     for f in res["failures"]:
         print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2, default=_json_default))
         print(f"  written {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from clad.data import open_dataset
+    from clad.evaluate import evaluate, load_split
+    from clad.explain import Catalogue, Explainer
+    from clad.explain.quality import held_out_normals
+    from clad.report import write_report
+
+    shots = _shots(args.shots)
+    train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
+    test = open_dataset(args.data, args.category, "test")
+    det = _build_detector(args.detector, _detector_params(args), args.category)
+    res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size, keep_predictions=True)
+    samples, result = res["_predictions"]["samples"], res["_predictions"]["result"]
+    refs = [s.image for s in load_split(train, progress=False)[0]]
+    normals = held_out_normals(open_dataset(args.data, args.category, "train"), train, seed=args.seed)
+    types = sorted({s.defect_type for s in samples if s.label}) or None
+    catalogue = Catalogue.from_folder(args.catalogue) if args.catalogue else None
+    explainer = Explainer(det, catalogue=catalogue, defect_types=types).fit(refs, normals or None)
+    explanations = explainer.explain([s.image for s in samples], result, paths=[s.path for s in samples])
+    title = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
+    page = write_report(args.out, samples, result, title=title, metrics=res, explanations=explanations, references=refs)
+    print(f"report -> {page}")
     return 0
 
 
@@ -237,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/**/*.npy")
     p.add_argument("--threshold", type=float, help="label images whose score is above this")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--explain", action="store_true", help="also write explanations.json (regions, defect types, a sentence per image)")
+    p.add_argument("--report", metavar="DIR", help="also write an HTML report (index.html + PNGs) to DIR")
+    p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for the explanations: DIR/<type>/<image> + mask")
+    p.add_argument("--pixel-threshold", type=float, help="map threshold for explained regions (default: the model's "
+                   "threshold when its score is the map maximum, else the 99.5th percentile of each batch's maps)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="fit on references and measure on a labelled test split")
@@ -245,7 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--out", help="write every figure with its settings to this JSON file")
+    p.add_argument("--explain", action="store_true", help="also measure how often explanations name the right defect type")
+    p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for --explain: DIR/<type>/<image> + mask")
+    p.add_argument("--catalogue-shots", type=int, metavar="N", help="--explain: take N seeded examples per defect type "
+                   "out of the test set as the catalogue and measure naming on the rest")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="fit on references, predict and explain a labelled test split, write an HTML report")
+    _add_data_args(p)
+    _add_detector_args(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
+    p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for the explanations: DIR/<type>/<image> + mask")
+    p.add_argument("--out", required=True, help="report folder (index.html + PNGs)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a built-in synthetic set, offline")
     p.add_argument("--out", default="clad_demo", help="report folder (default ./clad_demo)")
@@ -255,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list the registered detectors and backbones")
     p.set_defaults(func=cmd_list)
+
+    from clad.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -329,6 +329,15 @@ class CLAD(Detector):
         lang, mem, _ = self._maps(bb.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_ = torch.quantile(lang.flatten(), 0.99).clamp_min(1e-6)
         self.scale_mem_ = torch.quantile(mem.flatten(), 0.99).clamp_min(1e-6)
+        # Label-free decision threshold: the F1-best cut between those normal views and synthetic anomalies
+        # drawn on further views (still no test data). ``set_threshold`` overrides it.
+        kinds = [k for k in self.classes_ if k != "normal"]
+        bad = [make_anomaly(_augment(refs[i % len(refs)], rng, cfg.image_size), rng, kinds=kinds).image for i in range(len(views))]
+        self.fitted_ = True
+        scores = self._predict_batch(views + bad)[0]
+        from clad.metrics import f1_max
+
+        self.threshold_ = float(f1_max(np.r_[np.zeros(len(views)), np.ones(len(bad))], scores)[1])
 
     # -- inference ----------------------------------------------------------------------------------------
     def _maps(self, x: torch.Tensor, need_memory: bool):

@@ -1,0 +1,191 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+fit: embed every normal image into locally aggregated mid-level patch features, fill a memory bank with all of
+them, and keep a greedy k-center coreset of it. predict: each test patch's score is the distance to its nearest
+memory item; the image score is the largest patch score (optionally re-weighted, Eq. 7); the map is the patch
+scores upsampled to the working size, Gaussian-smoothed and resized to each image's own resolution.
+
+Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
+- features: ``stage2`` + ``stage3`` (strides 8 and 16) of the backbone, 3x3 average aggregation, stage3 upsampled
+  to the stride-8 grid and concatenated: 40 + 112 = 152 channels for efficientnet_lite0. That is small already,
+  so by default no channel pooling is applied (``embed_dim=None``). ``embed_dim=D`` applies PatchCore's own
+  reduction: adaptive average pooling over channels to D per layer, then over the concatenation to D.
+- coreset: ``ceil(coreset_ratio * N)`` of the N bank patches, selected in a 128-d Gaussian random projection.
+- search: exact nearest neighbour with ``KCenterIndex`` (k-center clusters of the memory bank, pruned with the
+  triangle inequality), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes
+  it an approximate inverted-file search of each patch's n closest clusters (distances can only grow).
+- map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clad.detectors.base import Detector
+from clad.ops.coreset import KCenterIndex, greedy_coreset, single_thread
+from clad.ops.features import load_batch, patch_embeddings
+from clad.ops.knn import knn
+from clad.ops.smoothing import gaussian_kernel1d
+from clad.registry import create_backbone, register_detector
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ("stage2", "stage3")
+    image_size: int = 256
+    neighbourhood: int = 3  # local aggregation window, in patches
+    embed_dim: int | None = None  # PatchCore's channel pooling to this many dims; None keeps all channels
+    coreset_ratio: float = 0.1  # fraction of the memory bank kept (1.0: no subsampling)
+    projection_dim: int | None = 128  # random projection used by the coreset selection only
+    n_probe: int = 0  # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    reweight: bool = False  # Eq. 7 of the paper on the image score
+    reweight_neighbours: int = 3  # b in Eq. 7: memory items around m* (m* included)
+    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
+    batch_size: int = 16  # images per backbone call during fit
+    seed: int = 0
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.n_probe < 0:
+            raise ValueError(f"n_probe must be >= 0 (0: exact search), got {self.n_probe}")
+        if self.reweight_neighbours < 2:
+            raise ValueError(f"reweight_neighbours must be >= 2 (b = 1 makes every weight 0), got {self.reweight_neighbours}")
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_operator(n_in: int, size: int, sigma: float, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix that does, along one axis: bilinear upsampling n_in -> size, Gaussian blur, bilinear
+    resize size -> n_out, exactly as ``F.interpolate`` and ``gaussian_blur`` do (reflect padding, 4-sigma radius)."""
+    x = torch.eye(n_in)[:, None, :]  # (n_in, 1, n_in): one impulse per input cell
+    x = F.interpolate(x, size=size, mode="linear", align_corners=False)
+    if sigma > 0:
+        k = gaussian_kernel1d(sigma)
+        r = k.numel() // 2
+        x = F.conv1d(F.pad(x, (r, r), mode="reflect" if size > r else "replicate"), k.view(1, 1, -1))
+    if n_out != size:
+        x = F.interpolate(x, size=n_out, mode="linear", align_corners=False)
+    return x[:, 0].T.contiguous()  # (n_out, n_in)
+
+
+def smooth_maps(patch: torch.Tensor, size: int, sigma: float, shapes) -> list[np.ndarray]:
+    """Patch scores (B, h, w) -> one map per image at its own (H, W): upsampled to size x size, Gaussian-blurred
+    with ``sigma``, resized to (H, W).
+
+    The same numbers as ``maps_to_images(gaussian_blur(interpolate(patch)), shapes)``, but the three linear,
+    separable steps are folded into two small matrices per axis, so a map costs two matrix products.
+    """
+    h, w = patch.shape[-2:]
+    out = []
+    with single_thread():
+        for p, (H, W) in zip(patch.float().cpu(), shapes):
+            a_h, a_w = _axis_operator(h, size, float(sigma), H), _axis_operator(w, size, float(sigma), W)
+            out.append((a_h @ p @ a_w.T).numpy())  # (H, W)
+    return out
+
+
+def coreset_size(n_patches: int, ratio: float) -> int:
+    """Number of memory items PatchCore keeps out of ``n_patches``: ceil(ratio * n), at least 1."""
+    return min(n_patches, max(1, math.ceil(ratio * n_patches - 1e-9)))
+
+
+@register_detector("patchcore")
+class PatchCore(Detector):
+    """Nearest-neighbour distance to a coreset of normal patch features; image score = largest patch score."""
+
+    Config = PatchCoreConfig
+
+    def _backbone(self):
+        if getattr(self, "backbone_", None) is None:
+            self.backbone_ = create_backbone(self.config.backbone)
+        return self.backbone_
+
+    def _embed(self, arrays) -> torch.Tensor:
+        """RGB arrays -> patch features (B, C, h, w)."""
+        bb = self._backbone()
+        x = bb.preprocess(arrays, self.config.image_size)
+        return self._features(x).cpu()
+
+    @torch.inference_mode()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch (B, 3, S, S) -> patch features (B, C, h, w)."""
+        cfg = self.config
+        bb = self._backbone()
+        emb = patch_embeddings(bb, x, cfg.layers, cfg.neighbourhood)  # (B, sum C_l, h, w)
+        if cfg.embed_dim is None:
+            return emb
+        b, _, h, w = emb.shape
+        per_layer = emb.split([bb.info(n).channels for n in cfg.layers], dim=1)
+        pooled = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), cfg.embed_dim) for f in per_layer]
+        emb = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), cfg.embed_dim)  # (B*h*w, 1, D)
+        return emb.view(b, h, w, cfg.embed_dim).permute(0, 3, 1, 2)
+
+    def _fit(self, images) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        parts = []
+        for start in range(0, len(images), cfg.batch_size):
+            arrays, _ = load_batch(images[start : start + cfg.batch_size])
+            emb = self._embed(arrays)
+            parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
+        bank = torch.cat(parts)  # (N, C)
+        t1 = time.perf_counter()
+        keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
+        self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
+        self.index_ = None
+        self.fit_seconds_ = {"features": t1 - t0, "coreset": time.perf_counter() - t1}
+        self.bank_size_ = len(bank)
+
+    def _index(self) -> KCenterIndex:
+        if getattr(self, "index_", None) is None:
+            self.index_ = KCenterIndex(self.memory_bank_)
+        return self.index_
+
+    @torch.inference_mode()
+    def _predict_batch(self, images):
+        arrays, shapes = load_batch(images)
+        emb = self._embed(arrays)  # (B, C, h, w)
+        scores, patch = self._score(emb)
+        return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)
+
+    def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features (B, C, h, w) -> (image scores (B,), patch scores (B, h, w))."""
+        b, c, h, w = emb.shape
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
+        dist, nearest = self._index().nearest(flat, self.config.n_probe)
+        patch = dist.view(b, h * w)
+        scores, where = patch.max(1)  # s* and the position of m_test
+        if self.config.reweight:
+            rows = torch.arange(b) * h * w + where
+            scores = scores * self._reweight(flat[rows], nearest[rows])
+        return scores, patch.view(b, h, w)
+
+    def _reweight(self, m_test: torch.Tensor, m_star: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: w = 1 - exp|m_test - m*| / sum_b exp|m_test - m_b|, over the b memory items nearest to m*.
+
+        m_test (B, C): the highest-scoring test patch of each image; m_star (B,): its nearest memory row.
+        Returns (B,) weights in [0, 1).
+        """
+        bank = self.memory_bank_
+        b = min(self.config.reweight_neighbours, len(bank))
+        if b < 2:
+            return torch.ones(len(m_star))
+        _, support = knn(bank[m_star], bank, k=b)  # (B, b): N_b(m*), m* itself first
+        support[:, 0] = m_star
+        d = torch.linalg.vector_norm(m_test[:, None] - bank[support], dim=-1)  # (B, b)
+        return 1.0 - torch.softmax(d, dim=1)[:, 0]
+
+    def _get_state(self):
+        return {"memory_bank": self.memory_bank_}, {}
+
+    def _set_state(self, tensors, meta):
+        self.memory_bank_ = tensors["memory_bank"].float().contiguous()
+        self.index_ = None

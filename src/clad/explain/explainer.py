@@ -1,0 +1,382 @@
+"""Explanations from a detector's anomaly maps: regions, where they are, what defect they resemble, what normal
+looks like there.
+
+For each image (``Explainer.explain``):
+1. regions: connected components of ``map >= pixel_threshold`` of at least ``min_area`` of the image
+   (``clad.explain.regions``). The pixel threshold is, in this order: the ``pixel_threshold`` argument; the
+   99.5th percentile of the maps of the normal images given to ``fit`` (``normal_images``, else ``references``;
+   memory-based detectors hold the references themselves, so pass other normal images when there are some); the
+   detector's ``threshold_`` when its score is the map's maximum (``score_is_map_max``: clad_plus, patchcore,
+   patch_knn, padim; CLAD's pooled score is on another scale); else the 99.5th percentile of the maps explained
+   in that call ("batch").
+2. region descriptors: the mean of the patch embeddings inside the region, each patch weighted by the share of
+   it the region covers (``weighting="area"``), or by the region's map excess over the pixel threshold in it
+   (``weighting="anomaly"``, which favours the defect's core). Catalogue examples are weighted by their masks. Two spaces: "shared" (``detector.embed_patches``: CLAD's image-text space) and
+   "features" (the detector backbone's frozen, locally aggregated patch features, standardised by the mean and
+   standard deviation of normal patches: of the references when given, else of the catalogue's unmasked patches).
+3. defect types, ranked by similarity s_t of the region descriptor to each type t:
+   - text (shared space only): cosine to the type's text embedding, the normalised mean of
+     ``detector.embed_texts`` over the type's descriptions (``clad.explain.phrases.defect_descriptions``);
+   - catalogue (``space``, shared or features): rule "prototype": cosine to the normalised mean of the type's
+     example descriptors (the masked patches of each example); rule "knn": the largest cosine to any example;
+   - both known: s_t = (1 - w) * text + w * catalogue, w = ``catalogue_weight``; one known: that one; a detector
+     with no shared space and no catalogue: no ranking ("type unknown").
+   The types are ``defect_types`` (e.g. the test set's folder names) plus the catalogue's, else the detector's
+   own trained kinds (``classes_`` without "normal").
+4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
+   catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clad.explain.catalogue import Catalogue
+from clad.explain.explanation import Explanation, NormalMatch, Region, TypeScore
+from clad.explain.phrases import defect_descriptions, defect_phrase
+from clad.explain.regions import MIN_AREA, extract_regions, location_words
+from clad.ops.features import load_batch, patch_embeddings
+from clad.types import AnomalyResult, ImageLike
+
+NORMAL_QUANTILE = 99.5
+SPACES = ("auto", "shared", "features")
+RULES = ("prototype", "knn")
+
+
+def has_shared_space(detector) -> bool:
+    """True when the detector embeds patches and texts in one space (clad, clad_plus)."""
+    return callable(getattr(detector, "embed_patches", None)) and callable(getattr(detector, "embed_texts", None))
+
+
+def score_is_map_max(detector) -> bool:
+    """True when the image score is the largest value of the map, so an image threshold is also a map threshold:
+    detectors with ``image_score="max"`` (clad_plus) and patchcore, patch_knn, padim."""
+    cfg = getattr(detector, "config", None)
+    if hasattr(cfg, "image_score"):
+        return cfg.image_score == "max"
+    return getattr(detector, "name", "") in ("patchcore", "patch_knn", "padim")
+
+
+def gradcam_maps(detector, images: Sequence[ImageLike], batch_size: int = 16) -> list[np.ndarray]:
+    """Grad-CAM maps (paper Eq. 5) of the detector's score, one (H_i, W_i) map per image at its own size.
+
+    Needs a detector whose score is differentiable through its backbone and which has a Grad-CAM path
+    (clad, clad_plus: ``localization="gradcam"``); the detector itself is left unchanged.
+    """
+    cfg = getattr(detector, "config", None)
+    if not (callable(getattr(detector, "_gradcam", None)) and dataclasses.is_dataclass(cfg) and hasattr(cfg, "localization")):
+        raise TypeError(
+            f"{getattr(detector, 'name', type(detector).__name__)}: Grad-CAM needs a score that is differentiable "
+            "through the backbone and a Grad-CAM path; available for clad and clad_plus"
+        )
+    twin = copy.copy(detector)  # shares the fitted modules, but not the config
+    twin.config = dataclasses.replace(cfg, localization="gradcam")
+    return twin.predict(list(images), batch_size=batch_size).anomaly_maps
+
+
+class FeatureSpace:
+    """The detector backbone's frozen patch features (B, C, h, w), standardised once ``standardise`` has run."""
+
+    def __init__(self, detector):
+        bb = getattr(detector, "backbone_", None)
+        if bb is None and callable(getattr(detector, "_backbone", None)):
+            bb = detector._backbone()
+        cfg = getattr(detector, "config", None)
+        layers, size = getattr(cfg, "layers", None), getattr(cfg, "image_size", None)
+        if bb is None or not layers or not size or not callable(getattr(bb, "preprocess", None)):
+            raise TypeError(f"{getattr(detector, 'name', type(detector).__name__)}: no backbone with layers and image_size")
+        self.backbone, self.layers, self.size = bb, tuple(layers)[:2], int(size)
+        self.mean = self.std = None
+
+    def __call__(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        f = patch_embeddings(self.backbone, self.backbone.preprocess(arrays, self.size), self.layers)  # (B, C, h, w)
+        if self.mean is not None:
+            f = (f - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+        return f
+
+    def standardise(self, patches: torch.Tensor) -> None:
+        """Set the statistics from normal patches (N, C)."""
+        self.mean = patches.mean(0)
+        self.std = patches.std(0).clamp_min(1e-6) if len(patches) > 1 else torch.ones_like(self.mean)
+
+
+def cell_weights(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool mask (or float weights) -> (h, w) mean over each grid cell (the grid spans the whole image)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.adaptive_avg_pool2d(m, grid)[0, 0]
+
+
+def pooled(grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(D, h, w) patch embeddings, (h, w) weights -> (D,) weighted mean."""
+    w = weights.to(grid.dtype)
+    return (grid * w).sum((1, 2)) / w.sum().clamp_min(1e-12)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(D,) x (N, D) -> (N,) cosine similarities."""
+    return F.normalize(b, dim=-1) @ F.normalize(a, dim=0)
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+class Explainer:
+    """Turns a detector's result into one ``Explanation`` per image (the rules are in the module docstring).
+
+    Args: detector (fitted); catalogue: annotated examples per defect type; defect_types: names to rank (e.g. the
+    test set's defect folders); pixel_threshold: the map threshold for regions; min_area: smallest region, as a
+    share of the image; space: "auto" (shared when the detector has it, else features), "shared" or "features",
+    the space of the catalogue and nearest-normal matching; rule: "prototype" or "knn"; catalogue_weight: w above;
+    n_types: how many ranked types each region keeps; gradcam: calibrate on Grad-CAM maps (explain results of
+    ``gradcam_maps``); object_name: the noun in descriptions (default: from the detector's category);
+    weighting: "area" or "anomaly" (how a region's patches are averaged).
+    """
+
+    def __init__(self, detector, catalogue: Catalogue | None = None, defect_types: Sequence[str] | None = None,
+                 pixel_threshold: float | None = None, min_area: float = MIN_AREA, space: str = "auto",
+                 rule: str = "prototype", catalogue_weight: float = 0.5, n_types: int = 3, gradcam: bool = False,
+                 object_name: str | None = None, weighting: str = "area", batch_size: int = 16):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if weighting not in ("area", "anomaly"):
+            raise ValueError(f"weighting must be 'area' or 'anomaly', got {weighting!r}")
+        if not 0.0 <= catalogue_weight <= 1.0:
+            raise ValueError(f"catalogue_weight must be in [0, 1], got {catalogue_weight}")
+        self.detector, self.catalogue, self.defect_types = detector, catalogue, defect_types
+        self.pixel_threshold, self.min_area, self.space, self.rule = pixel_threshold, min_area, space, rule
+        self.catalogue_weight, self.n_types, self.gradcam = catalogue_weight, n_types, gradcam
+        self.object_name, self.weighting, self.batch_size = object_name, weighting, batch_size
+
+    # -- fit ------------------------------------------------------------------------------------------------
+    def fit(self, references: Sequence[ImageLike] | None = None,
+            normal_images: Sequence[ImageLike] | None = None) -> "Explainer":
+        """Prepare type embeddings, catalogue descriptors, the reference memory and the pixel threshold.
+
+        references: the detector's normal references (for the nearest normal patch and the feature statistics);
+        normal_images: normal images for the pixel threshold (default: the references).
+        """
+        det = self.detector
+        self.shared_ = has_shared_space(det)
+        self.space_ = self._resolve_space()
+        self.features_ = FeatureSpace(det) if self.space_ == "features" else None
+        refs = load_batch(references)[0] if references is not None else []
+        if self.features_ is not None:
+            self._standardise(refs)
+        self.types_ = self._resolve_types()
+        self.text_ = self._text_embeddings() if self.shared_ and self.types_ else None
+        self.examples_ = self._catalogue_descriptors()
+        self.memory_ = self._reference_memory(refs) if refs else None
+        self.reference_shapes_ = [r.shape[:2] for r in refs]
+        self.pixel_threshold_, self.pixel_threshold_source_ = self._resolve_pixel_threshold(normal_images or references)
+        return self
+
+    def _resolve_space(self) -> str:
+        if self.space == "shared" and not self.shared_:
+            raise TypeError(f"{self.detector.name}: has no shared image-text space (embed_patches/embed_texts)")
+        if self.space != "auto":
+            return self.space
+        if self.shared_:
+            return "shared"
+        try:
+            FeatureSpace(self.detector)
+            return "features"
+        except TypeError:
+            return "none"
+
+    def _visual(self, arrays: list[np.ndarray]) -> torch.Tensor | None:
+        """(B, D, h, w) patch descriptors in the catalogue space."""
+        if self.space_ == "shared":
+            return self.detector.embed_patches(arrays)
+        if self.space_ == "features":
+            return self.features_(arrays)
+        return None
+
+    def _standardise(self, refs: list[np.ndarray]) -> None:
+        parts = []
+        if refs:
+            for _, chunk in _batches(refs, self.batch_size):
+                f = self.features_(chunk)
+                parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+        elif self.catalogue is not None:
+            for e in self.catalogue.examples:
+                f = self.features_([e.image])[0]  # (C, h, w)
+                keep = cell_weights(e.mask, f.shape[-2:]) == 0
+                parts.append(f.permute(1, 2, 0)[keep])
+        if parts:
+            self.features_.standardise(torch.cat(parts))
+
+    def _resolve_types(self) -> list[str]:
+        names = list(self.defect_types or [])
+        if self.catalogue is not None:
+            names += [t for t in self.catalogue.defect_types if t not in names]
+        if not names and self.shared_:
+            names = [c for c in getattr(self.detector, "classes_", []) if c != "normal"]
+        return [n for n in names if n != "good"]
+
+    def _object(self) -> str:
+        if self.object_name:
+            return self.object_name
+        category = getattr(getattr(self.detector, "config", None), "category", None)
+        if not category:
+            return "object"
+        from clad.ops.prompts import object_name_for
+
+        return object_name_for(category)
+
+    def _text_embeddings(self) -> torch.Tensor:
+        """(T, D): per type, the normalised mean of its descriptions' embeddings."""
+        prompts = list(getattr(self.detector, "prompts_", []) or [])
+        rows = []
+        for t in self.types_:
+            emb = F.normalize(torch.as_tensor(self.detector.embed_texts(defect_descriptions(t, self._object(), prompts))).float(), dim=-1)
+            rows.append(F.normalize(emb.mean(0), dim=0))
+        return torch.stack(rows)
+
+    def _catalogue_descriptors(self) -> dict[str, torch.Tensor]:
+        """type -> (n_examples, D) descriptors of the examples' masked patches, in the catalogue space."""
+        if self.catalogue is None or self.space_ == "none":
+            return {}
+        out = {}
+        for t in self.catalogue.defect_types:
+            rows = []
+            for e in self.catalogue.of_type(t):
+                grid = self._visual([e.image])[0]  # (D, h, w)
+                rows.append(pooled(grid, cell_weights(e.mask, grid.shape[-2:])))
+            out[t] = torch.stack(rows)
+        return out
+
+    def _reference_memory(self, refs: list[np.ndarray]):
+        """(N, D) reference patch descriptors, with (image index, row, column, h, w) per row."""
+        parts, where = [], []
+        for start, chunk in _batches(refs, self.batch_size):
+            grid = self._visual(chunk)
+            if grid is None:
+                return None
+            b, d, h, w = grid.shape
+            parts.append(F.normalize(grid.permute(0, 2, 3, 1).reshape(-1, d), dim=-1))
+            idx = np.stack(np.meshgrid(np.arange(b) + start, np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 3)
+            where.append(np.concatenate([idx, np.tile([h, w], (len(idx), 1))], 1))
+        return torch.cat(parts), np.concatenate(where)
+
+    def _maps(self, images) -> list[np.ndarray]:
+        if self.gradcam:
+            return gradcam_maps(self.detector, images, self.batch_size)
+        return self.detector.predict(list(images), batch_size=self.batch_size).anomaly_maps
+
+    def _resolve_pixel_threshold(self, normal_images) -> tuple[float | None, str]:
+        if self.pixel_threshold is not None:
+            return float(self.pixel_threshold), "argument"
+        if normal_images is not None and len(normal_images):
+            values = np.concatenate([m.ravel() for m in self._maps(normal_images)])
+            return float(np.percentile(values, NORMAL_QUANTILE)), "normal images"
+        if getattr(self.detector, "threshold_", None) is not None and score_is_map_max(self.detector):
+            return float(self.detector.threshold_), "detector"
+        return None, "batch"
+
+    # -- explain --------------------------------------------------------------------------------------------
+    def rank(self, shared: torch.Tensor | None, visual: torch.Tensor | None) -> list[TypeScore]:
+        """Types ranked for one descriptor: ``shared`` (D,) in the shared space, ``visual`` in the catalogue space."""
+        if not self.types_:
+            return []
+        w = self.catalogue_weight
+        scores = []
+        for i, t in enumerate(self.types_):
+            text = float(_cos(shared, self.text_[i : i + 1])[0]) if self.text_ is not None and shared is not None else None
+            cat = None
+            if visual is not None and t in self.examples_:
+                ex = self.examples_[t]
+                proto = F.normalize(ex, dim=-1).mean(0, keepdim=True)
+                cat = float(_cos(visual, proto)[0]) if self.rule == "prototype" else float(_cos(visual, ex).max())
+            if text is None and cat is None:
+                continue
+            s = text if cat is None else cat if text is None else (1 - w) * text + w * cat
+            scores.append((s, i, t))
+        scores.sort(key=lambda x: (-x[0], x[1]))
+        return [TypeScore(t, defect_phrase(t), float(s)) for s, _, t in scores[: self.n_types]]
+
+    def _nearest_normal(self, visual: torch.Tensor) -> NormalMatch | None:
+        if self.memory_ is None:
+            return None
+        bank, where = self.memory_
+        sims = bank @ F.normalize(visual, dim=0)
+        k = int(sims.argmax())
+        ref, i, j, h, w = (int(v) for v in where[k])
+        rh, rw = self.reference_shapes_[ref]
+        box = (math.floor(j * rw / w), math.floor(i * rh / h), math.ceil((j + 1) * rw / w), math.ceil((i + 1) * rh / h))
+        return NormalMatch(ref, box, float(sims[k]))
+
+    def explain(self, images: Sequence[ImageLike], result: AnomalyResult | None = None,
+                paths: Sequence[str] | None = None) -> list[Explanation]:
+        """One ``Explanation`` per image of ``result`` (predicted here when None; Grad-CAM when ``gradcam``)."""
+        if not hasattr(self, "space_"):
+            raise RuntimeError("Explainer: call fit() before explain()")
+        arrays, shapes = load_batch(images)
+        if result is None:
+            result = self.detector.predict(arrays, batch_size=self.batch_size)
+            if self.gradcam:
+                result.anomaly_maps = gradcam_maps(self.detector, arrays, self.batch_size)
+        if len(result) != len(arrays):
+            raise ValueError(f"{len(arrays)} images but the result has {len(result)}")
+        threshold = result.threshold if result.threshold is not None else getattr(self.detector, "threshold_", None)
+        pix, source = self.pixel_threshold_, self.pixel_threshold_source_
+        if pix is None:
+            pix = float(np.percentile(np.concatenate([m.ravel() for m in result.anomaly_maps]), NORMAL_QUANTILE))
+        need_shared = self.text_ is not None
+        out = []
+        for start, chunk in _batches(arrays, self.batch_size):
+            shared = self.detector.embed_patches(chunk) if need_shared else None
+            visual = shared if (self.space_ == "shared" and shared is not None) else self._visual(chunk)
+            for k, image in enumerate(chunk):
+                i = start + k
+                out.append(self._explain_one(
+                    result.anomaly_maps[i], float(result.scores[i]), threshold, pix, source,
+                    None if shared is None else shared[k], None if visual is None else visual[k],
+                    paths[i] if paths is not None else "",
+                ))
+        return out
+
+    def _explain_one(self, amap, score, threshold, pix, source, shared, visual, path) -> Explanation:
+        regions = []
+        for c in extract_regions(amap, pix, self.min_area):
+            s = v = None
+            inside = c.mask if self.weighting == "area" else c.mask * (amap - pix).clip(0)
+            if shared is not None:
+                s = pooled(shared, cell_weights(inside, shared.shape[-2:]))
+            if visual is not None:
+                v = pooled(visual, cell_weights(inside, visual.shape[-2:]))
+            regions.append(Region(
+                bbox=tuple(int(b) for b in c.bbox), area_percent=100.0 * c.area,
+                location=location_words(c.bbox, amap.shape), peak=c.peak, types=self.rank(s, v),
+                nearest_normal=None if v is None else self._nearest_normal(v),
+            ))
+        whole_s = shared.mean((1, 2)) if shared is not None else None
+        whole_v = visual.mean((1, 2)) if visual is not None else None
+        anomalous = None if threshold is None else bool(score > threshold)
+        return Explanation(
+            score=score, threshold=None if threshold is None else float(threshold), anomalous=anomalous,
+            pixel_threshold=pix, pixel_threshold_source=source, image_size=tuple(int(v) for v in amap.shape),
+            regions=regions, image_types=self.rank(whole_s, whole_v), path=path,
+        )
+
+
+def explain(detector, images: Sequence[ImageLike], result: AnomalyResult | None = None,
+            pixel_threshold: float | None = None, catalogue: Catalogue | None = None,
+            defect_types: Sequence[str] | None = None, references: Sequence[ImageLike] | None = None,
+            **options) -> list[Explanation]:
+    """Explain each image of ``result`` (predicted here when None): see ``Explainer`` for the rules and options.
+
+    references: the detector's normal references; they give the nearest normal patch of each region and, without a
+    ``pixel_threshold`` or a detector threshold, the pixel threshold (99.5th percentile of their maps).
+    """
+    ex = Explainer(detector, catalogue=catalogue, defect_types=defect_types, pixel_threshold=pixel_threshold, **options)
+    return ex.fit(references=references).explain(images, result)

@@ -1,0 +1,111 @@
+"""How often an explanation names the right defect type, against a labelled test set.
+
+The named type of an image is the top-ranked type of its highest-peak region, or of the whole image when it has
+no region (``Explanation.named_type``). top-1: the named type is the defect folder of the image; top-3: the folder
+is among the first three. Chance levels: 1 / n_types and min(1, 3 / n_types). Only defective images count.
+
+With ``catalogue_shots=N``, N examples per defect type are drawn from the test set (``few_shot_paths`` on their
+paths, with ``seed``) as the catalogue, and both rankings (descriptions only, descriptions + catalogue) are
+measured on the remaining defective images, so the two figures share one image set.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from clad.data.datasets import few_shot_paths
+from clad.explain.catalogue import Catalogue
+from clad.explain.explainer import Explainer
+from clad.explain.explanation import Explanation
+from clad.types import AnomalyResult, ImageLike, Sample
+
+
+def split_catalogue(samples: Sequence[Sample], n_shots: int, seed: int = 0) -> tuple[Catalogue, list[int]]:
+    """Draw ``n_shots`` defective samples per type as a catalogue; returns it and the indices of the others."""
+    by_type: dict[str, list[str]] = {}
+    for s in samples:
+        if s.label and s.defect_type != "good":
+            by_type.setdefault(s.defect_type, []).append(s.path)
+    chosen = set()
+    for t, paths in sorted(by_type.items()):
+        if len(paths) <= n_shots:
+            raise ValueError(f"defect type {t!r} has {len(paths)} image(s): too few to keep {n_shots} as catalogue")
+        chosen.update(few_shot_paths(paths, n_shots, seed))
+    picked = [s for s in samples if s.path in chosen]
+    return Catalogue.from_samples(picked), [i for i, s in enumerate(samples) if s.path not in chosen]
+
+
+def naming_accuracy(explanations: Sequence[Explanation], truth: Sequence[str], n_types: int) -> dict:
+    """top-1 / top-3 accuracy of the named types against ``truth``, with chance levels."""
+    ranked = [e.ranked_types() for e in explanations]
+    n = len(ranked)
+    top1 = sum(bool(r) and r[0] == t for r, t in zip(ranked, truth))
+    top3 = sum(t in r[:3] for r, t in zip(ranked, truth))
+    return {
+        "top1": top1 / n if n else float("nan"),
+        "top3": top3 / n if n else float("nan"),
+        "chance_top1": 1.0 / n_types if n_types else float("nan"),
+        "chance_top3": min(1.0, 3.0 / n_types) if n_types else float("nan"),
+        "n_images": n,
+        "n_types": n_types,
+    }
+
+
+def evaluate_naming(detector, samples: Sequence[Sample], result: AnomalyResult, catalogue_shots: int | None = None,
+                    catalogue: Catalogue | None = None, seed: int = 0, references: Sequence[ImageLike] | None = None,
+                    normal_images: Sequence[ImageLike] | None = None, **options) -> dict:
+    """Measure type naming on the defective ``samples`` (with their ``result``), with and without a catalogue.
+
+    catalogue_shots: draw the catalogue from ``samples`` (see the module docstring); catalogue: a given one
+    (e.g. ``Catalogue.from_folder``); references / normal_images / options: as for ``Explainer``.
+    Returns {"types", "descriptions": accuracy or None, "catalogue": accuracy or None, "pixel_threshold", ...}.
+    """
+    keep = list(range(len(samples)))
+    if catalogue_shots:
+        if catalogue is not None:
+            raise ValueError("give catalogue_shots or a catalogue, not both")
+        catalogue, keep = split_catalogue(samples, catalogue_shots, seed)
+    keep = [i for i in keep if samples[i].label and samples[i].defect_type != "good"]
+    if not keep:
+        raise ValueError("no defective image left to measure type naming on")
+    types = sorted({samples[i].defect_type for i in keep} | set(catalogue.defect_types if catalogue else []))
+    images = [samples[i].image for i in keep]
+    truth = [samples[i].defect_type for i in keep]
+    sub = AnomalyResult(result.scores[keep], [result.anomaly_maps[i] for i in keep], threshold=result.threshold)
+    out = {"types": types, "n_catalogue": len(catalogue) if catalogue else 0, "descriptions": None, "catalogue": None}
+    for key, cat in (("descriptions", None), ("catalogue", catalogue)):
+        if key == "catalogue" and cat is None:
+            continue
+        ex = Explainer(detector, catalogue=cat, defect_types=types, **options).fit(references, normal_images)
+        if key == "descriptions" and ex.text_ is None:
+            continue
+        explanations = ex.explain(images, sub)
+        out[key] = naming_accuracy(explanations, truth, len(types))
+        out[key]["space"] = ex.space_ if cat is not None else "shared"
+        out["pixel_threshold"], out["pixel_threshold_source"] = explanations[0].pixel_threshold, explanations[0].pixel_threshold_source
+        out[key]["with_region"] = sum(bool(e.regions) for e in explanations) / max(1, len(explanations))
+    return out
+
+
+def held_out_normals(all_normals, references, n: int = 4, seed: int = 0) -> list:
+    """Up to ``n`` images of ``all_normals`` (a dataset of normal images) that are not among ``references``
+    (a dataset too), drawn with ``seed``: normal images the detector never saw, for the pixel threshold."""
+    from clad.data.io import load_image
+
+    used = set(getattr(references, "paths", []))
+    free = [p for p in all_normals.paths if p not in used]
+    if not free:
+        return []
+    return [load_image(p) for p in few_shot_paths(free, min(n, len(free)), seed)]
+
+
+def format_naming(res: dict) -> str:
+    """The naming figures as printed by ``clad eval --explain``."""
+    lines = [f"  defect types ({len(res['types'])}): {', '.join(res['types'])}"]
+    for key, label in (("descriptions", "descriptions only"), ("catalogue", f"+ catalogue ({res['n_catalogue']} examples)")):
+        r = res.get(key)
+        if r is None:
+            lines.append(f"  {label:<30} n/a" + (" (no shared image-text space)" if key == "descriptions" else ""))
+            continue
+        lines.append(f"  {label:<30} top-1 {r['top1']:.3f} (chance {r['chance_top1']:.3f})  "
+                     f"top-3 {r['top3']:.3f} (chance {r['chance_top3']:.3f})  on {r['n_images']} images")
+    return "\n".join(lines)

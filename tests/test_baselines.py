@@ -1,0 +1,184 @@
+"""PatchCore, PaDiM and SPADE, and the coreset maths they use: invariants on tiny synthetic data (tiny_cnn, CPU)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import clad
+from clad.detectors.padim import shrunk_covariance
+from clad.detectors.patchcore import coreset_size
+from clad.ops.coreset import KCenterIndex, _kcenter_plain, coverage_radius, greedy_coreset
+from clad.ops.knn import knn
+from conftest import plant_square, texture
+
+BASELINES = ["patchcore", "padim", "spade"]
+TINY = {"backbone": "tiny_cnn", "image_size": 64}
+
+
+def clustered(n: int, dim: int, n_clusters: int, seed: int) -> torch.Tensor:
+    """(n, dim) points around ``n_clusters`` well separated centres, with uneven cluster sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=gen) * 6
+    weights = torch.linspace(1, 10, n_clusters)
+    labels = torch.multinomial(weights, n, replacement=True, generator=gen)
+    return centres[labels] + torch.randn(n, dim, generator=gen)
+
+
+# ------------------------------------------------------------------------------------------------ coreset
+
+
+@pytest.mark.parametrize("n_points", [600, 6000])  # below / above the size where blocks prune the updates
+def test_coreset_equals_textbook_greedy(n_points):
+    x = clustered(n_points, 16, 12, seed=1)
+    sel = greedy_coreset(x, 200, projection_dim=None, seed=5)
+    assert torch.equal(sel, _kcenter_plain(x, 200, start=int(sel[0])))
+    assert len(set(sel.tolist())) == 200
+
+
+def test_coreset_is_deterministic_with_seed():
+    x = clustered(5000, 32, 8, seed=2)
+    a = greedy_coreset(x, 100, projection_dim=8, seed=3)
+    b = greedy_coreset(x, 100, projection_dim=8, seed=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, greedy_coreset(x, 100, projection_dim=8, seed=4))  # another start point
+
+
+def test_coreset_covers_better_than_random_subset():
+    x = clustered(5000, 16, 20, seed=3)
+    for n in (20, 200):
+        sel = greedy_coreset(x, n, projection_dim=None, seed=0)
+        rand = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+        assert coverage_radius(x, x[sel]) <= coverage_radius(x, x[rand])
+    assert coverage_radius(x, x[greedy_coreset(x, len(x))]) < 0.05  # every row kept: 0 up to float rounding
+
+
+def test_coreset_with_duplicate_points_never_repeats_an_index():
+    x = torch.cat([torch.zeros(3000, 4), torch.ones(3000, 4)])
+    sel = greedy_coreset(x, 50, projection_dim=None)
+    assert len(set(sel.tolist())) == 50
+
+
+def test_kcenter_index_is_exact():
+    bank = clustered(3000, 24, 10, seed=4)
+    query = torch.cat([clustered(500, 24, 10, seed=5), torch.randn(100, 24) * 20])
+    d, i = KCenterIndex(bank).nearest(query)
+    d_ref, i_ref = knn(query, bank, k=1)
+    torch.testing.assert_close(d, d_ref[:, 0], atol=1e-3, rtol=1e-4)
+    assert (i == i_ref[:, 0]).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("n_patches,ratio,expected", [(1000, 0.1, 100), (1001, 0.1, 101), (10, 0.01, 1), (7, 1.0, 7)])
+def test_coreset_size_rounds_up(n_patches, ratio, expected):
+    assert coreset_size(n_patches, ratio) == expected == min(n_patches, max(1, math.ceil(ratio * n_patches - 1e-9)))
+
+
+def test_patchcore_keeps_ratio_of_memory_bank():
+    images = [texture((64, 64), s) for s in range(3)]  # 3 images x 8 x 8 patches at stride 8
+    det = clad.create_detector("patchcore", coreset_ratio=0.25, **TINY).fit(images)
+    assert det.bank_size_ == 3 * 8 * 8
+    assert len(det.memory_bank_) == coreset_size(192, 0.25) == 48
+
+
+# ------------------------------------------------------------------------------------------------- PaDiM
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+def test_ledoit_wolf_matches_sklearn(n):
+    from sklearn.covariance import ledoit_wolf
+
+    x = (torch.randn(n, 3, 6, dtype=torch.float64) * torch.linspace(0.5, 3, 6, dtype=torch.float64) + 4)
+    y = x - x[0]  # the moments are of features shifted by a reference, as in PaDiM.fit
+    a = (y * y).sum(2)
+    cov = shrunk_covariance(n, y.sum(0), torch.einsum("bpi,bpj->pij", y, y), (a * a).sum(0), (a[:, :, None] * y).sum(0), a.sum(0))
+    for p in range(3):
+        expected = ledoit_wolf(x[:, p].numpy())[0] if n > 1 else np.zeros((6, 6))
+        np.testing.assert_allclose(cov[p].numpy(), expected, atol=1e-10)
+
+
+def test_padim_covariance_positive_definite_with_one_shot():
+    det = clad.create_detector("padim", **TINY).fit([texture((64, 64), 0)])
+    assert det.precision_.shape == (64, 56, 56)  # 8 x 8 positions; tiny_cnn stages 1-3 have 8 + 16 + 32 < 100 channels
+    assert torch.linalg.eigvalsh(det.precision_.double()).min() > 0
+    res = det.predict([texture((64, 64), 0), texture((64, 64), 1)])
+    assert res.scores[0] < 1e-3 < res.scores[1]  # the one reference image sits at its own mean
+
+
+# --------------------------------------------------------------------------------------- all three detectors
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_identical_images_score_zero(name):
+    image = texture((64, 64), 0)
+    # A 10 % coreset of 3 x 64 patches cannot hold all 64 distinct patches of the image: keep the whole bank.
+    extra = {"coreset_ratio": 1.0} if name == "patchcore" else {}
+    det = clad.create_detector(name, **TINY, **extra).fit([image] * 3)
+    outlier, _ = plant_square(image, 20, 20, 16)
+    res = det.predict([image, outlier])
+    assert res.scores[0] <= 1e-3 * res.scores[1]
+    assert res.anomaly_maps[0].max() <= 1e-3 * res.anomaly_maps[1].max()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_constant_images_score_zero(name):
+    gray = np.full((128, 128, 3), 128, np.uint8)
+    # Default settings, 10 % coreset included: 4 x 16 x 16 patches hold 36 distinct ones (the border effects),
+    # few enough for the 103-item coreset to keep every one.
+    det = clad.create_detector(name, backbone="tiny_cnn", image_size=128).fit([gray] * 4)
+    outlier, _ = plant_square(gray, 50, 50, 16)
+    res = det.predict([gray, outlier])
+    assert res.scores[0] <= 1e-3 * res.scores[1]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_planted_defect_is_found(name):
+    refs = [texture((96, 96), s) for s in range(6)]
+    normals = [texture((96, 96), s) for s in range(10, 13)]
+    defect, mask = plant_square(texture((96, 96), 20), 40, 24, 20)
+    det = clad.create_detector(name, backbone="tiny_cnn", image_size=96).fit(refs)
+    res = det.predict(normals + [defect])
+    assert res.scores[-1] > res.scores[:-1].max()
+    peak = np.unravel_index(np.argmax(res.anomaly_maps[-1]), mask.shape)
+    assert mask[peak]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_images_of_different_sizes_in_one_call(name):
+    det = clad.create_detector(name, **TINY).fit([texture((64, 64), s) for s in range(2)])
+    tests = [texture((48, 80), 3), texture((120, 90), 4), texture((64, 64), 5)]
+    res = det.predict(tests, batch_size=3)
+    assert [m.shape for m in res.anomaly_maps] == [t.shape[:2] for t in tests]
+
+
+def test_reweighting_scales_scores_into_unit_interval():
+    refs = [texture((64, 64), s) for s in range(4)]
+    defect, _ = plant_square(texture((64, 64), 9), 16, 16, 14)
+    tests = [texture((64, 64), 8), defect]
+    plain = clad.create_detector("patchcore", **TINY).fit(refs).predict(tests)
+    weighted = clad.create_detector("patchcore", reweight=True, reweight_neighbours=3, **TINY).fit(refs).predict(tests)
+    factor = weighted.scores / plain.scores
+    assert np.all((factor >= 0) & (factor <= 1)) and not np.allclose(factor, 1)
+    for a, b in zip(plain.anomaly_maps, weighted.anomaly_maps):  # maps are not re-weighted
+        np.testing.assert_array_equal(a, b)
+
+
+def test_spade_uses_at_most_the_references_it_has():
+    det = clad.create_detector("spade", n_neighbour_images=50, k=3, **TINY).fit([texture((64, 64), s) for s in range(2)])
+    res = det.predict([texture((64, 64), 5)])
+    assert np.isfinite(res.scores).all() and res.anomaly_maps[0].shape == (64, 64)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (200, 130)])
+def test_smooth_maps_equals_upsample_blur_resize(shape):
+    import torch.nn.functional as F
+
+    from clad.detectors.patchcore import smooth_maps
+    from clad.ops.smoothing import gaussian_blur, maps_to_images
+
+    patch = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    up = F.interpolate(patch[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    expected = maps_to_images(gaussian_blur(up, 4.0), [shape, shape])
+    for got, want in zip(smooth_maps(patch, 64, 4.0, [shape, shape]), expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
