@@ -10,10 +10,14 @@ Choices:
   to it, coarser ones upsampled bilinearly. The paper uses the stride-4 grid; stride 8 needs 4x less memory
   (1024 positions x 100 x 100 precision = 41 MB instead of 164 MB) and time; ``grid_layer="stage1"`` is the paper.
 - ``n_features`` (100) channels are drawn once from ``seed`` (the paper's random dimensionality reduction).
-- covariance: Ledoit-Wolf shrinkage toward a scaled identity, per position, then + ``eps`` I (the paper's 0.01):
+- covariance: Ledoit-Wolf shrinkage toward a scaled identity, per position, then + ``eps`` I:
   ``cov = (1 - a) S + a (tr S / d) I + eps I`` with S the maximum-likelihood covariance and ``a`` the Ledoit-Wolf
-  intensity (as sklearn.covariance.ledoit_wolf). With many images ``a`` ~ 0 (the paper's estimate); with few,
-  ``a`` grows toward 1; with one image S = 0 and cov = eps I, so the covariance is always positive definite.
+  intensity (as sklearn.covariance.ledoit_wolf; on bottle ~0.4 with 4 images, ~0.3 with 16); with one image
+  S = 0 and cov = eps I (a scaled Euclidean distance), so the covariance is always positive definite.
+  ``eps`` is in feature units: the paper's 0.01 suits its ResNet features, but efficientnet_lite0 features have
+  positions (dark background) whose variance is below 0.01, where it lets noise dominate the map. With ``eps=1``
+  (default) bottle gives image / pixel AUROC 1.000 / 0.987 full-shot (0.998 / 0.979 with 0.01) and 0.989 / 0.984
+  with 4 images (0.874 / 0.950 with 0.01).
 - memory: the fit accumulates per-position moments batch by batch in float64 (never all the features at once);
   the inverse is computed once per position (Cholesky, in chunks) and stored as the precision matrix.
 """
@@ -41,7 +45,7 @@ class PaDiMConfig:
     grid_layer: str = "stage2"  # the layer whose grid the Gaussians live on
     image_size: int = 256
     n_features: int = 100  # random channel subset (capped at the number of channels)
-    eps: float = 0.01  # added to the covariance diagonal, as in the paper
+    eps: float = 1.0  # added to the covariance diagonal (the paper's 0.01 is too small for these features)
     sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
     batch_size: int = 16
     seed: int = 0
