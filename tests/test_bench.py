@@ -167,6 +167,26 @@ def test_a_failing_run_is_recorded_and_the_others_finish(synth, tmp_path):
     assert (summary["cached"], summary["failed"], summary["ran"]) == (1, 1, 0)  # failures are retried, not cached
 
 
+def test_clad_and_clad_plus_of_one_seed_share_one_fit(synth, tmp_path, tiny_clip_dir, monkeypatch):
+    """Detectors differing only in inference parameters are fitted once per (category, shots, seed)."""
+    from clad.detectors.clad import CLAD
+
+    fits = []
+    original = CLAD._fit
+    monkeypatch.setattr(CLAD, "_fit", lambda self, images: (fits.append(self.name), original(self, images))[1])
+    tiny = f"backbone=tiny_cnn;image_size=64;text_encoder=clip:{tiny_clip_dir};epochs=1;n_train_images=8"
+    dets = f"clad[{tiny}]@c,clad_plus[{tiny}]@p,clad[{tiny};loss=supervised]@sup"
+    summary = bench.run_bench(tmp_path / "b", f"mvtec:{synth}", "tile", dets, "1", 2, progress=False, plots=False)
+    assert summary["failed"] == 0 and summary["ran"] == 6
+    assert fits == ["clad", "clad", "clad", "clad"]  # per seed: clad (shared with clad_plus) and the ablation
+    by = {(r["settings"]["label"], r["settings"]["seed"]): r for r in summary["records"]}
+    for seed in (0, 1):
+        plus, base = by[("p", seed)], by[("c", seed)]
+        assert plus["fit_shared_with"] == "c" and base["fit_shared_with"] is None
+        assert plus["metrics"]["fit_seconds"] == base["metrics"]["fit_seconds"] > 0
+        assert by[("sup", seed)]["fit_shared_with"] is None
+
+
 def test_rating_sheet_round_trip(synth, tmp_path, capsys):
     sheet_dir = tmp_path / "sheet"
     dets = f'{KNN},patch_knn[backbone=tiny_cnn;image_size=64;layers=["stage1","stage2"]]@knn12'

@@ -114,3 +114,34 @@ def test_embed_texts_and_patches_live_in_one_space(tiny_clip_dir):
     assert t.shape[1] == p.shape[1] == det.config.embed_dim
     torch.testing.assert_close(t.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(p.norm(dim=1), torch.ones(p.shape[0], *p.shape[2:]))
+
+
+def test_clad_plus_adopting_a_clad_fit_equals_fitting_it(tiny_clip_dir):
+    """clad and clad_plus differ only in inference parameters: one fit serves both (the bench shares it)."""
+    refs = [texture((64, 64), s) for s in range(2)]
+    images = [texture((64, 64), 7), plant_square(texture((64, 64), 8), 20, 30, 12)[0]]
+    base = clad.create_detector("clad", **_tiny(tiny_clip_dir)).fit(refs)
+    plus = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir))
+    assert plus.fit_signature() == base.fit_signature()
+    adopted = plus.adopt(base).predict(images)
+    direct = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir)).fit(refs)
+    np.testing.assert_allclose(adopted.scores, direct.predict(images).scores, rtol=1e-5, atol=1e-6)
+    assert plus.threshold_ == pytest.approx(direct.threshold_)  # recalibrated for the fused score, not copied
+    assert plus.threshold_ != pytest.approx(base.threshold_)
+    other = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, loss="supervised"))
+    with pytest.raises(ValueError, match="other settings"):
+        other.adopt(base)
+
+
+def test_many_references_keep_a_bounded_memory(tiny_clip_dir, monkeypatch):
+    """Beyond memory_max patches the memory is a k-center coreset, searched by the pruned exact index."""
+    monkeypatch.setattr(clad.detectors.clad.CLAD, "brute_force_max", 100)
+    refs = [texture((64, 64), s) for s in range(6)]  # 6 images x 8x8 patches = 384 > 200
+    det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_max=200, memory_weight=0.9)).fit(refs)
+    assert det.memory_bank_.shape[0] == 200
+    flat = torch.randn(50, det.memory_bank_.shape[1])
+    brute = torch.cdist(flat, det.memory_bank_).min(1).values
+    torch.testing.assert_close(det._nearest_memory(flat), brute, rtol=1e-4, atol=1e-4)
+    bad, mask = plant_square(texture((64, 64), 11), 20, 30, 12)
+    res = det.predict([texture((64, 64), 10), bad])
+    assert res.scores[1] > res.scores[0]

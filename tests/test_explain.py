@@ -139,12 +139,19 @@ def test_catalogue_moves_the_ranking_towards_its_examples():
         return torch.cat([crack_det.embed_patches([im]) if im.max() == 1 else real([im]) for im in images])
 
     det.embed_patches = patches
-    e = Explainer(det, catalogue=cat, defect_types=types, pixel_threshold=0.5, catalogue_weight=0.8).fit().explain([img], result)[0]
+    cos = float(inside[0])  # cosine of the region to the crack text and to the crack example
+    options = dict(catalogue=cat, defect_types=types, pixel_threshold=0.5, catalogue_weight=0.8)
+    e = Explainer(det, rule="prototype", **options).fit().explain([img], result)[0]
     assert e.named_type == "scratch"
     # by hand, s = (1 - w) * text + w * catalogue: scratch 0.2 * 0 + 0.8 * 1; crack 0.2 * cos + 0.8 * cos
-    cos = float(inside[0])
     sims = {t.name: t.similarity for t in e.regions[0].types}
     assert sims["scratch"] == pytest.approx(0.8) and sims["crack"] == pytest.approx(cos)
+    # "patches": catalogue term = cosine to the type's defect patches - cosine to the normal patches
+    e = Explainer(det, rule="patches", **options).fit().explain([img], result)[0]
+    to_normal = float(inside[3])  # the examples' unmasked cells carry the normal embedding
+    sims = {t.name: t.similarity for t in e.regions[0].types}
+    assert e.named_type == "scratch"
+    assert sims["scratch"] == pytest.approx(0.8 * (1 - to_normal)) and sims["crack"] == pytest.approx(0.2 * cos + 0.8 * (cos - to_normal))
 
 
 def _hand_made() -> list[Explanation]:

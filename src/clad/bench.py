@@ -316,9 +316,10 @@ class Run:
 
 
 def plan_runs(data_specs, categories: dict, detectors: Sequence[DetectorSpec], shots: Sequence, seeds) -> list[Run]:
-    """The grid, category-major so that one category's test images are decoded once for all its runs."""
+    """The grid, category-major so that one category's test images are decoded once for all its runs, and the
+    detectors of one (shots, seed) next to each other so that those of one fit share it (``Detector.adopt``)."""
     return [Run(d, c, det, s, seed) for d in data_specs for c in categories[d] for s in shots
-            for det in detectors for seed in seeds]
+            for seed in seeds for det in detectors]
 
 
 def _plain(obj):
@@ -521,8 +522,13 @@ class _TestSplits:
 
 
 def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path | None, batch_size: int = 16,
-                pixel_eval_size: int | None = 256) -> dict:
-    """Fit and evaluate one run; returns its record (status "ok"), or raises."""
+                pixel_eval_size: int | None = 256, shared_fits: dict | None = None) -> dict:
+    """Fit and evaluate one run; returns its record (status "ok"), or raises.
+
+    shared_fits: fitted detectors of this (dataset, category, shots, seed) by ``fit_signature``; a detector that
+    only differs from one of them in inference parameters (e.g. ``clad_plus`` after ``clad``) takes its fit, and
+    its record gives that fit's time with ``fit_shared_with`` naming the run that paid for it.
+    """
     from clad.data import open_dataset
     from clad.evaluate import evaluate
     from clad.registry import create_detector
@@ -530,9 +536,20 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
     test_samples, test_failures = tests.get(run.dataset, run.category)
     train = open_dataset(run.dataset, run.category, "train", n_shots=run.shots, seed=run.seed)
     detector = create_detector(run.detector.name, **run.detector_params())
+    source = None
+    if shared_fits is not None:
+        where = (run.dataset, run.category, run.shots, run.seed)
+        if shared_fits.get("_where") != where:
+            shared_fits.clear()
+            shared_fits["_where"] = where
+        source = shared_fits.get(detector.fit_signature())
     with PeakMemory() as meter:
         res = evaluate(_Measured(detector, meter), train, test_samples, batch_size=batch_size,
-                       pixel_eval_size=pixel_eval_size, progress=False, keep_predictions=True)
+                       pixel_eval_size=pixel_eval_size, progress=False, keep_predictions=True,
+                       fitted_from=None if source is None else source["detector"])
+    if shared_fits is not None and source is None:
+        shared_fits[detector.fit_signature()] = {"detector": detector, "fit_seconds": res["fit_seconds"],
+                                                 "label": run.detector.label}
     pred = res.pop("_predictions")
     memory = meter.result()
     images = [s.image for s in pred["samples"]]
@@ -554,6 +571,8 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
         backbone_times[bt_key] = bt
     bb_ms = (bt or {}).get("ms_per_image")
     figures = {k: res.pop(k) for k in list(res) if isinstance(res[k], (int, float)) and not isinstance(res[k], bool)}
+    if source is not None:
+        figures["fit_seconds"] = source["fit_seconds"]
     figures.update(
         backbone_ms_per_image=bb_ms,
         predict_over_backbone=figures["predict_ms_per_image"] / bb_ms if bb_ms else None,
@@ -568,6 +587,7 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
         "backbone_timing": bt,
         "memory": memory,
         "iou_threshold_source": res.get("iou_threshold_source"),
+        "fit_shared_with": None if source is None else source["label"],
         "failures": res.get("failures", []) + test_failures,
         "predictions": {
             "paths": [s.path for s in pred["samples"]],
@@ -603,7 +623,7 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = machine()
 
-    tests, backbone_times, records = _TestSplits(), {}, []
+    tests, backbone_times, records, shared_fits = _TestSplits(), {}, [], {}
     counts = {"ran": 0, "cached": 0, "failed": 0}
     interrupted = False
     bar = tqdm(plan, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
@@ -625,7 +645,7 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
                       "environment": env, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             t0 = time.perf_counter()
             try:
-                record.update(execute_run(run, tests, backbone_times, bt_dir, batch_size, pixel_eval_size))
+                record.update(execute_run(run, tests, backbone_times, bt_dir, batch_size, pixel_eval_size, shared_fits))
                 record["status"] = "ok"
                 counts["ran"] += 1
             except Exception as e:  # noqa: BLE001 - one failing run must not stop the others

@@ -181,7 +181,7 @@ def write_report(
             f"<tr><th>{k}</th><td>{metrics[k]:.4f}</td></tr>" for k in keys if isinstance(metrics.get(k), float)
         )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em;color:#222}} img{{max-width:220px;display:block}}
+<style>body{{font-family:sans-serif;margin:1.5em;color:#222}} img{{max-width:220px;max-height:220px;display:block}}
 table{{border-collapse:collapse}} td,th{{padding:4px 8px;vertical-align:top;border-bottom:1px solid #ddd;text-align:left}}
 .meta{{max-width:260px;font-size:13px}} .path{{font-weight:bold}} .why{{margin-top:6px;color:#444}}
 .none{{width:220px;color:#999;font-size:12px}} .cap{{color:#666;font-size:12px}} .plots img{{max-width:480px;display:inline-block;margin-right:1em}}</style></head>

@@ -40,6 +40,10 @@ class Detector:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    #: Config fields that only change prediction, not what ``fit`` learns: detectors of one ``family`` that differ
+    #: only in these can share one fit (``fit_signature``, ``adopt``), e.g. ``clad`` and ``clad_plus``.
+    inference_params: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""  # default: the registry name
 
     def __init__(self, **params: Any):
         self.config = make_config(self.Config, params, f"detector {self.name!r}")
@@ -68,6 +72,24 @@ class Detector:
             result.threshold = float(self.threshold_)
             result.labels = result.scores > self.threshold_
         return result
+
+    def fit_signature(self) -> str:
+        """What ``fit`` depends on: the family and every config field but the inference-only ones."""
+        cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.inference_params}
+        return json.dumps([self.family or self.name, cfg], sort_keys=True, default=str)
+
+    def adopt(self, fitted: "Detector") -> "Detector":
+        """Take over the fitted state of ``fitted`` instead of fitting: it must have this detector's
+        ``fit_signature`` (same family, differing at most in ``inference_params``). Returns self."""
+        fitted._check_fitted()
+        if fitted.fit_signature() != self.fit_signature():
+            raise ValueError(f"{self.name}: cannot adopt the fit of {fitted!r}: it was fitted with other settings")
+        self.__dict__.update({k: v for k, v in fitted.__dict__.items() if k.endswith("_")})
+        self._after_adopt()
+        return self
+
+    def _after_adopt(self) -> None:
+        """Hook: redo what depends on the inference parameters (e.g. a calibrated threshold)."""
 
     def set_threshold(self, threshold: float | None) -> "Detector":
         self.threshold_ = None if threshold is None else float(threshold)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from clad.detectors.base import Detector
 from clad.ops.features import load_batch
+from clad.ops.coreset import KCenterIndex, greedy_coreset
 from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
 from clad.ops.losses import contrastive_loss, supervised_loss
@@ -98,6 +99,7 @@ class CLADConfig:
     backbone_lr: float = 1e-4
     memory: bool = False  # CLAD+: fuse with a few-shot patch memory
     memory_weight: float = 0.5
+    memory_max: int = 16384  # larger patch memories (many references) are cut to this by a k-center coreset
     image_score: str = "pooled"  # "pooled": Eq. 4 on the image embedding; "max": largest value of the map
     localization: str = "dense"  # or "gradcam" (Eq. 5)
     map_sigma: float = 4.0
@@ -141,6 +143,9 @@ class CLAD(Detector):
     """The paper's CLAD: language-aligned patch and image embeddings trained with Eq. 3 (+ Eq. 7)."""
 
     Config = CLADConfig
+    family = "clad"
+    inference_params = ("memory", "memory_weight", "image_score", "localization", "map_sigma")
+    brute_force_max = 4096  # memories up to this size are searched by brute force, larger ones by KCenterIndex
 
     # -- encoders -----------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -206,13 +211,20 @@ class CLAD(Detector):
 
     # -- training -----------------------------------------------------------------------------------------
     def _make_pool(self, refs: list[np.ndarray], n: int, rng: np.random.Generator):
-        """Normal views of the references, about ``anomaly_ratio`` of them with a synthetic anomaly."""
+        """``n`` training images: up to n // 4 references as they are, then augmented views of the references
+        (a seeded order through them), about ``anomaly_ratio`` of the views with a synthetic anomaly."""
         size = self.config.image_size
+        order = rng.permutation(len(refs))
+        n_plain = min(len(refs), max(1, n // 4))
         images, masks, kinds = [], [], []
         for i in range(n):
-            base = _augment(refs[i % len(refs)], rng, size) if i >= len(refs) else np.asarray(
-                Image.fromarray(refs[i]).resize((size, size), Image.BILINEAR))
-            if i >= len(refs) and rng.random() < self.config.anomaly_ratio:
+            ref = refs[order[i % len(refs)]]
+            if i < n_plain:
+                images.append(np.asarray(Image.fromarray(ref).resize((size, size), Image.BILINEAR)))
+                masks.append(np.zeros((size, size), bool)), kinds.append("normal")
+                continue
+            base = _augment(ref, rng, size)
+            if rng.random() < self.config.anomaly_ratio:
                 a = make_anomaly(base, rng, kinds=[k for k in self.classes_ if k != "normal"])
                 images.append(a.image), masks.append(a.mask), kinds.append(a.kind)
             else:
@@ -235,7 +247,7 @@ class CLAD(Detector):
         rng = np.random.default_rng(cfg.seed)
         self._build()
         refs, _ = load_batch(images)
-        pool, masks, kinds = self._make_pool(refs, max(cfg.n_train_images, len(refs)), rng)
+        pool, masks, kinds = self._make_pool(refs, cfg.n_train_images, rng)
         bb = self.backbone_
         with torch.no_grad():
             x = torch.cat([bb.preprocess(pool[i : i + 16], cfg.image_size) for i in range(0, len(pool), 16)])
@@ -323,9 +335,13 @@ class CLAD(Detector):
         z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
         self.sigma_image_ = torch.tensor(float(((z_img - zt[0]) ** 2).sum(1).mean().clamp_min(1e-6)))
         feat = self._combine(h1, h2o)
-        self.memory_bank_ = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]).contiguous()
+        bank = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+        if len(bank) > cfg.memory_max:  # many references: keep a k-center coreset (PatchCore's selection)
+            bank = bank[greedy_coreset(bank, cfg.memory_max, seed=cfg.seed)]
+        self.memory_bank_ = bank.contiguous()
+        self.index_ = None
         # Held-out normal views set the scale of each map for the fusion (no test data involved).
-        views = [_augment(refs[i % len(refs)], rng, cfg.image_size) for i in range(max(8, len(refs)))]
+        views = [_augment(refs[i % len(refs)], rng, cfg.image_size) for i in range(max(8, min(len(refs), 32)))]
         lang, mem, _ = self._maps(bb.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_ = torch.quantile(lang.flatten(), 0.99).clamp_min(1e-6)
         self.scale_mem_ = torch.quantile(mem.flatten(), 0.99).clamp_min(1e-6)
@@ -334,10 +350,27 @@ class CLAD(Detector):
         kinds = [k for k in self.classes_ if k != "normal"]
         bad = [make_anomaly(_augment(refs[i % len(refs)], rng, cfg.image_size), rng, kinds=kinds).image for i in range(len(views))]
         self.fitted_ = True
-        scores = self._predict_batch(views + bad)[0]
+        self.calibration_images_ = (views, bad)  # kept (not saved) so that ``adopt`` can redo the threshold
+        self._calibrate_threshold()
+
+    def _calibrate_threshold(self) -> None:
         from clad.metrics import f1_max
 
+        views, bad = self.calibration_images_
+        scores = self._predict_batch(views + bad)[0]
         self.threshold_ = float(f1_max(np.r_[np.zeros(len(views)), np.ones(len(bad))], scores)[1])
+
+    def _after_adopt(self) -> None:
+        if getattr(self, "calibration_images_", None) is not None:  # a loaded detector keeps its threshold
+            self._calibrate_threshold()
+
+    def _nearest_memory(self, flat: torch.Tensor) -> torch.Tensor:
+        """Distance of each row of ``flat`` (N, C) to its nearest memory patch."""
+        if len(self.memory_bank_) <= self.brute_force_max:
+            return knn(flat, self.memory_bank_, k=1)[0][:, 0]
+        if getattr(self, "index_", None) is None:
+            self.index_ = KCenterIndex(self.memory_bank_)
+        return self.index_.nearest(flat)[0]
 
     # -- inference ----------------------------------------------------------------------------------------
     def _maps(self, x: torch.Tensor, need_memory: bool):
@@ -351,7 +384,7 @@ class CLAD(Detector):
             h2o = h2 if self.tail_ is None else self._stage_features(x, tuned=False)[1]
             feat = self._combine(h1, h2o)
             b, c, hh, ww = feat.shape
-            mem = knn(feat.permute(0, 2, 3, 1).reshape(-1, c), self.memory_bank_, k=1)[0][:, 0].view(b, hh, ww)
+            mem = self._nearest_memory(feat.permute(0, 2, 3, 1).reshape(-1, c)).view(b, hh, ww)
         return lang, mem, z
 
     def _predict_batch(self, images):
@@ -430,6 +463,7 @@ class CLAD(Detector):
             self.tail_.eval()
         for name in ("text_embeddings", "sigma", "sigma_image", "memory_bank", "scale_lang", "scale_mem"):
             setattr(self, f"{name}_", tensors[name])
+        self.index_ = None
         self.classes_ = list(meta["classes"])
         self.prompts_ = [tuple(p) for p in meta["prompts"]]
 

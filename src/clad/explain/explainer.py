@@ -11,18 +11,23 @@ For each image (``Explainer.explain``):
    in that call ("batch").
 2. region descriptors: the mean of the patch embeddings inside the region, each patch weighted by the share of
    it the region covers (``weighting="area"``), or by the region's map excess over the pixel threshold in it
-   (``weighting="anomaly"``, which favours the defect's core). Catalogue examples are weighted by their masks. Two spaces: "shared" (``detector.embed_patches``: CLAD's image-text space) and
-   "features" (the detector backbone's frozen, locally aggregated patch features, standardised by the mean and
-   standard deviation of normal patches: of the references when given, else of the catalogue's unmasked patches).
-3. defect types, ranked by similarity s_t of the region descriptor to each type t:
-   - text (shared space only): cosine to the type's text embedding, the normalised mean of
-     ``detector.embed_texts`` over the type's descriptions (``clad.explain.phrases.defect_descriptions``);
-   - catalogue (``space``, shared or features): rule "prototype": cosine to the normalised mean of the type's
-     example descriptors (the masked patches of each example); rule "knn": the largest cosine to any example;
-   - both known: s_t = (1 - w) * text + w * catalogue, w = ``catalogue_weight``; one known: that one; a detector
-     with no shared space and no catalogue: no ranking ("type unknown").
+   (``weighting="anomaly"``, which favours the defect's core). Two spaces: "shared" (``detector.embed_patches``:
+   CLAD's image-text space) and "features" (the detector backbone's frozen, locally aggregated patch features,
+   standardised by the mean and standard deviation of normal patches: of the references when given, else of the
+   catalogue's unmasked patches). ``space="auto"``: features for the catalogue when the detector has a backbone
+   (measured better than the shared space on magnetic tile, see ``clad.explain.quality``), else shared.
+3. defect types, ranked by similarity s_t of the region to each type t:
+   - text (shared space only): cosine of the region descriptor to the type's text embedding, the normalised mean
+     of ``detector.embed_texts`` over the type's descriptions (``clad.explain.phrases.defect_descriptions``);
+   - catalogue, rule "patches" (default): each patch of the region gets the margin between its largest cosine to
+     the type's defect patches (catalogue cells >= 30 % inside the mask) and its largest cosine to normal patches
+     (the catalogue's unmasked cells and the references' patches); the catalogue term is the mean of the region's
+     ``top_k`` largest margins. Rule "prototype": cosine of the region descriptor to the normalised mean of the
+     type's example descriptors (masked patches of each example); rule "knn": the largest cosine to any example;
+   - both known: s_t = (1 - w) * text + w * catalogue, w = ``catalogue_weight`` (0.5); one known: that one (so a
+     type without examples keeps its text score); no shared space and no catalogue: no ranking ("type unknown").
    The types are ``defect_types`` (e.g. the test set's folder names) plus the catalogue's, else the detector's
-   own trained kinds (``classes_`` without "normal").
+   own trained kinds (``classes_`` without "normal"). The whole image is ranked the same way (``image_types``).
 4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
    catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
 """
@@ -46,7 +51,7 @@ from clad.types import AnomalyResult, ImageLike
 
 NORMAL_QUANTILE = 99.5
 SPACES = ("auto", "shared", "features")
-RULES = ("prototype", "knn")
+RULES = ("patches", "prototype", "knn")
 
 
 def has_shared_space(detector) -> bool:
@@ -133,17 +138,17 @@ class Explainer:
 
     Args: detector (fitted); catalogue: annotated examples per defect type; defect_types: names to rank (e.g. the
     test set's defect folders); pixel_threshold: the map threshold for regions; min_area: smallest region, as a
-    share of the image; space: "auto" (shared when the detector has it, else features), "shared" or "features",
-    the space of the catalogue and nearest-normal matching; rule: "prototype" or "knn"; catalogue_weight: w above;
-    n_types: how many ranked types each region keeps; gradcam: calibrate on Grad-CAM maps (explain results of
-    ``gradcam_maps``); object_name: the noun in descriptions (default: from the detector's category);
-    weighting: "area" or "anomaly" (how a region's patches are averaged).
+    share of the image; space: the catalogue and nearest-normal space, "auto", "shared" or "features"; rule:
+    "patches", "prototype" or "knn"; catalogue_weight: w above; n_types: how many ranked types each region keeps;
+    gradcam: calibrate on Grad-CAM maps (explain results of ``gradcam_maps``); object_name: the noun in
+    descriptions (default: from the detector's category); weighting: "area" or "anomaly" (how a region's patches
+    are averaged); top_k: patches averaged by the "patches" rule.
     """
 
     def __init__(self, detector, catalogue: Catalogue | None = None, defect_types: Sequence[str] | None = None,
                  pixel_threshold: float | None = None, min_area: float = MIN_AREA, space: str = "auto",
-                 rule: str = "prototype", catalogue_weight: float = 0.5, n_types: int = 3, gradcam: bool = False,
-                 object_name: str | None = None, weighting: str = "area", batch_size: int = 16):
+                 rule: str = "patches", catalogue_weight: float = 0.5, n_types: int = 3, gradcam: bool = False,
+                 object_name: str | None = None, weighting: str = "area", top_k: int = 3, batch_size: int = 16):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if rule not in RULES:
@@ -155,15 +160,16 @@ class Explainer:
         self.detector, self.catalogue, self.defect_types = detector, catalogue, defect_types
         self.pixel_threshold, self.min_area, self.space, self.rule = pixel_threshold, min_area, space, rule
         self.catalogue_weight, self.n_types, self.gradcam = catalogue_weight, n_types, gradcam
-        self.object_name, self.weighting, self.batch_size = object_name, weighting, batch_size
+        self.object_name, self.weighting, self.top_k, self.batch_size = object_name, weighting, top_k, batch_size
 
     # -- fit ------------------------------------------------------------------------------------------------
     def fit(self, references: Sequence[ImageLike] | None = None,
             normal_images: Sequence[ImageLike] | None = None) -> "Explainer":
-        """Prepare type embeddings, catalogue descriptors, the reference memory and the pixel threshold.
+        """Prepare type embeddings, catalogue banks, the reference memory and the pixel threshold.
 
-        references: the detector's normal references (for the nearest normal patch and the feature statistics);
-        normal_images: normal images for the pixel threshold (default: the references).
+        references: the detector's normal references (for the nearest normal patch, the feature statistics and
+        the normal patches of the "patches" rule); normal_images: normal images for the pixel threshold (default:
+        the references).
         """
         det = self.detector
         self.shared_ = has_shared_space(det)
@@ -174,9 +180,9 @@ class Explainer:
             self._standardise(refs)
         self.types_ = self._resolve_types()
         self.text_ = self._text_embeddings() if self.shared_ and self.types_ else None
-        self.examples_ = self._catalogue_descriptors()
         self.memory_ = self._reference_memory(refs) if refs else None
         self.reference_shapes_ = [r.shape[:2] for r in refs]
+        self.examples_, self.banks_, self.normal_bank_ = self._catalogue_banks()
         self.pixel_threshold_, self.pixel_threshold_source_ = self._resolve_pixel_threshold(normal_images or references)
         return self
 
@@ -185,13 +191,14 @@ class Explainer:
             raise TypeError(f"{self.detector.name}: has no shared image-text space (embed_patches/embed_texts)")
         if self.space != "auto":
             return self.space
-        if self.shared_:
-            return "shared"
         try:
             FeatureSpace(self.detector)
-            return "features"
+            has_features = True
         except TypeError:
-            return "none"
+            has_features = False
+        if self.shared_ and (self.catalogue is None or not has_features):
+            return "shared"
+        return "features" if has_features else "none"
 
     def _visual(self, arrays: list[np.ndarray]) -> torch.Tensor | None:
         """(B, D, h, w) patch descriptors in the catalogue space."""
@@ -210,8 +217,7 @@ class Explainer:
         elif self.catalogue is not None:
             for e in self.catalogue.examples:
                 f = self.features_([e.image])[0]  # (C, h, w)
-                keep = cell_weights(e.mask, f.shape[-2:]) == 0
-                parts.append(f.permute(1, 2, 0)[keep])
+                parts.append(f.permute(1, 2, 0)[cell_weights(e.mask, f.shape[-2:]) == 0])
         if parts:
             self.features_.standardise(torch.cat(parts))
 
@@ -238,25 +244,36 @@ class Explainer:
         prompts = list(getattr(self.detector, "prompts_", []) or [])
         rows = []
         for t in self.types_:
-            emb = F.normalize(torch.as_tensor(self.detector.embed_texts(defect_descriptions(t, self._object(), prompts))).float(), dim=-1)
+            texts = defect_descriptions(t, self._object(), prompts)
+            emb = F.normalize(torch.as_tensor(self.detector.embed_texts(texts)).float(), dim=-1)  # (n, D)
             rows.append(F.normalize(emb.mean(0), dim=0))
         return torch.stack(rows)
 
-    def _catalogue_descriptors(self) -> dict[str, torch.Tensor]:
-        """type -> (n_examples, D) descriptors of the examples' masked patches, in the catalogue space."""
+    def _catalogue_banks(self):
+        """Per type: example descriptors (n, D) and defect patches (m, D); normal patches (N, D); all normalised.
+
+        A defect patch is a grid cell at least 30 % covered by its example's mask (the most covered cell when
+        none is); normal patches are the examples' cells the mask does not touch, plus the references' patches.
+        """
         if self.catalogue is None or self.space_ == "none":
-            return {}
-        out = {}
+            return {}, {}, None
+        examples, banks, normal = {}, {}, []
         for t in self.catalogue.defect_types:
-            rows = []
+            rows, cells = [], []
             for e in self.catalogue.of_type(t):
                 grid = self._visual([e.image])[0]  # (D, h, w)
-                rows.append(pooled(grid, cell_weights(e.mask, grid.shape[-2:])))
-            out[t] = torch.stack(rows)
-        return out
+                w = cell_weights(e.mask, grid.shape[-2:])
+                rows.append(pooled(grid, w))
+                flat = F.normalize(grid.permute(1, 2, 0), dim=-1)  # (h, w, D)
+                cells.append(flat[w >= min(0.3, float(w.max()))])
+                normal.append(flat[w == 0])
+            examples[t], banks[t] = F.normalize(torch.stack(rows), dim=-1), torch.cat(cells)
+        if self.memory_ is not None:
+            normal.append(self.memory_[0])
+        return examples, banks, torch.cat(normal)
 
     def _reference_memory(self, refs: list[np.ndarray]):
-        """(N, D) reference patch descriptors, with (image index, row, column, h, w) per row."""
+        """(N, D) normalised reference patch descriptors, with (image index, row, column, h, w) per row."""
         parts, where = [], []
         for start, chunk in _batches(refs, self.batch_size):
             grid = self._visual(chunk)
@@ -284,31 +301,57 @@ class Explainer:
         return None, "batch"
 
     # -- explain --------------------------------------------------------------------------------------------
-    def rank(self, shared: torch.Tensor | None, visual: torch.Tensor | None) -> list[TypeScore]:
-        """Types ranked for one descriptor: ``shared`` (D,) in the shared space, ``visual`` in the catalogue space."""
+    def margins(self, visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The "patches" rule's per-patch evidence: type -> (h, w) margin between the patch's largest cosine to the
+        type's defect patches and its largest cosine to the normal patches, for a (D, h, w) grid."""
+        cells = F.normalize(visual.permute(1, 2, 0).reshape(-1, visual.shape[0]), dim=-1)  # (h*w, D)
+        nb = self.normal_bank_
+        base = (cells @ nb.T).max(1).values if len(nb) else torch.zeros(len(cells))  # masks may cover whole examples
+        return {t: ((cells @ bank.T).max(1).values - base).view(visual.shape[1:]) for t, bank in self.banks_.items()}
+
+    def _catalogue_similarity(self, t: str, visual: torch.Tensor, weights: torch.Tensor, margins=None) -> float:
+        """Similarity of a part of an image (its (D, h, w) grid and (h, w) weights) to type t's examples."""
+        if self.rule == "patches":
+            margin = (margins if margins is not None else self.margins(visual))[t][weights > 0]
+            return float(margin.topk(min(self.top_k, len(margin))).values.mean())
+        v = pooled(visual, weights)
+        ex = self.examples_[t]
+        if self.rule == "prototype":
+            return float(_cos(v, F.normalize(ex.mean(0, keepdim=True), dim=-1))[0])
+        return float(_cos(v, ex).max())
+
+    def rank(self, shared: torch.Tensor | None, visual: torch.Tensor | None, inside: np.ndarray | None = None,
+             margins: dict | None = None) -> list[TypeScore]:
+        """Types ranked for the part ``inside`` ((H, W) weights or mask; None: the whole image) of one image, from
+        its patch grids ``shared`` (shared space) and ``visual`` (catalogue space), each (D, h, w) or None;
+        ``margins``: ``self.margins(visual)`` when already computed."""
         if not self.types_:
             return []
+
+        def weights(grid):
+            return torch.ones(grid.shape[-2:]) if inside is None else cell_weights(inside, grid.shape[-2:])
+
+        text = None
+        if self.text_ is not None and shared is not None:
+            text = _cos(pooled(shared, weights(shared)), self.text_)  # (T,)
         w = self.catalogue_weight
         scores = []
         for i, t in enumerate(self.types_):
-            text = float(_cos(shared, self.text_[i : i + 1])[0]) if self.text_ is not None and shared is not None else None
             cat = None
-            if visual is not None and t in self.examples_:
-                ex = self.examples_[t]
-                proto = F.normalize(ex, dim=-1).mean(0, keepdim=True)
-                cat = float(_cos(visual, proto)[0]) if self.rule == "prototype" else float(_cos(visual, ex).max())
+            if visual is not None and t in self.banks_:
+                cat = self._catalogue_similarity(t, visual, weights(visual), margins)
             if text is None and cat is None:
                 continue
-            s = text if cat is None else cat if text is None else (1 - w) * text + w * cat
+            s = float(text[i]) if cat is None else cat if (text is None or w == 1.0) else (1 - w) * float(text[i]) + w * cat
             scores.append((s, i, t))
         scores.sort(key=lambda x: (-x[0], x[1]))
         return [TypeScore(t, defect_phrase(t), float(s)) for s, _, t in scores[: self.n_types]]
 
-    def _nearest_normal(self, visual: torch.Tensor) -> NormalMatch | None:
+    def _nearest_normal(self, visual: torch.Tensor, inside: np.ndarray) -> NormalMatch | None:
         if self.memory_ is None:
             return None
         bank, where = self.memory_
-        sims = bank @ F.normalize(visual, dim=0)
+        sims = bank @ F.normalize(pooled(visual, cell_weights(inside, visual.shape[-2:])), dim=0)
         k = int(sims.argmax())
         ref, i, j, h, w = (int(v) for v in where[k])
         rh, rw = self.reference_shapes_[ref]
@@ -320,7 +363,7 @@ class Explainer:
         """One ``Explanation`` per image of ``result`` (predicted here when None; Grad-CAM when ``gradcam``)."""
         if not hasattr(self, "space_"):
             raise RuntimeError("Explainer: call fit() before explain()")
-        arrays, shapes = load_batch(images)
+        arrays, _ = load_batch(images)
         if result is None:
             result = self.detector.predict(arrays, batch_size=self.batch_size)
             if self.gradcam:
@@ -331,12 +374,11 @@ class Explainer:
         pix, source = self.pixel_threshold_, self.pixel_threshold_source_
         if pix is None:
             pix = float(np.percentile(np.concatenate([m.ravel() for m in result.anomaly_maps]), NORMAL_QUANTILE))
-        need_shared = self.text_ is not None
         out = []
         for start, chunk in _batches(arrays, self.batch_size):
-            shared = self.detector.embed_patches(chunk) if need_shared else None
+            shared = self.detector.embed_patches(chunk) if self.text_ is not None else None
             visual = shared if (self.space_ == "shared" and shared is not None) else self._visual(chunk)
-            for k, image in enumerate(chunk):
+            for k in range(len(chunk)):
                 i = start + k
                 out.append(self._explain_one(
                     result.anomaly_maps[i], float(result.scores[i]), threshold, pix, source,
@@ -346,26 +388,21 @@ class Explainer:
         return out
 
     def _explain_one(self, amap, score, threshold, pix, source, shared, visual, path) -> Explanation:
+        margins = self.margins(visual) if (self.rule == "patches" and visual is not None and self.banks_) else None
         regions = []
         for c in extract_regions(amap, pix, self.min_area):
-            s = v = None
             inside = c.mask if self.weighting == "area" else c.mask * (amap - pix).clip(0)
-            if shared is not None:
-                s = pooled(shared, cell_weights(inside, shared.shape[-2:]))
-            if visual is not None:
-                v = pooled(visual, cell_weights(inside, visual.shape[-2:]))
             regions.append(Region(
                 bbox=tuple(int(b) for b in c.bbox), area_percent=100.0 * c.area,
-                location=location_words(c.bbox, amap.shape), peak=c.peak, types=self.rank(s, v),
-                nearest_normal=None if v is None else self._nearest_normal(v),
+                location=location_words(c.bbox, amap.shape), peak=c.peak,
+                types=self.rank(shared, visual, inside, margins),
+                nearest_normal=None if visual is None else self._nearest_normal(visual, inside),
             ))
-        whole_s = shared.mean((1, 2)) if shared is not None else None
-        whole_v = visual.mean((1, 2)) if visual is not None else None
         anomalous = None if threshold is None else bool(score > threshold)
         return Explanation(
             score=score, threshold=None if threshold is None else float(threshold), anomalous=anomalous,
             pixel_threshold=pix, pixel_threshold_source=source, image_size=tuple(int(v) for v in amap.shape),
-            regions=regions, image_types=self.rank(whole_s, whole_v), path=path,
+            regions=regions, image_types=self.rank(shared, visual, None, margins), path=path,
         )
 
 

@@ -81,8 +81,9 @@ class Explanation:
         ranking = self.regions[0].types if self.regions else self.image_types
         return ranking[0].name if ranking else None
 
-    def ranked_types(self) -> list[str]:
-        ranking = self.regions[0].types if self.regions else self.image_types
+    def ranked_types(self, whole_image: bool = False) -> list[str]:
+        """Type names, most similar first: of the strongest region (else the whole image), or of the whole image."""
+        ranking = self.regions[0].types if (self.regions and not whole_image) else self.image_types
         return [t.name for t in ranking]
 
     @property

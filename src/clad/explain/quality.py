@@ -35,14 +35,20 @@ def split_catalogue(samples: Sequence[Sample], n_shots: int, seed: int = 0) -> t
 
 
 def naming_accuracy(explanations: Sequence[Explanation], truth: Sequence[str], n_types: int) -> dict:
-    """top-1 / top-3 accuracy of the named types against ``truth``, with chance levels."""
-    ranked = [e.ranked_types() for e in explanations]
-    n = len(ranked)
-    top1 = sum(bool(r) and r[0] == t for r, t in zip(ranked, truth))
-    top3 = sum(t in r[:3] for r, t in zip(ranked, truth))
+    """top-1 / top-3 accuracy of the named types against ``truth``, with chance levels; ``image_top1`` /
+    ``image_top3``: the same for the whole-image ranking (``Explanation.image_types``)."""
+    n = len(explanations)
+
+    def hits(ranked, k):
+        return sum(t in r[:k] for r, t in zip(ranked, truth)) / n if n else float("nan")
+
+    by_region = [e.ranked_types() for e in explanations]
+    whole = [e.ranked_types(whole_image=True) for e in explanations]
     return {
-        "top1": top1 / n if n else float("nan"),
-        "top3": top3 / n if n else float("nan"),
+        "top1": hits(by_region, 1),
+        "top3": hits(by_region, 3),
+        "image_top1": hits(whole, 1),
+        "image_top3": hits(whole, 3),
         "chance_top1": 1.0 / n_types if n_types else float("nan"),
         "chance_top3": min(1.0, 3.0 / n_types) if n_types else float("nan"),
         "n_images": n,
@@ -107,5 +113,6 @@ def format_naming(res: dict) -> str:
             lines.append(f"  {label:<30} n/a" + (" (no shared image-text space)" if key == "descriptions" else ""))
             continue
         lines.append(f"  {label:<30} top-1 {r['top1']:.3f} (chance {r['chance_top1']:.3f})  "
-                     f"top-3 {r['top3']:.3f} (chance {r['chance_top3']:.3f})  on {r['n_images']} images")
+                     f"top-3 {r['top3']:.3f} (chance {r['chance_top3']:.3f})  on {r['n_images']} images; "
+                     f"whole-image ranking: top-1 {r['image_top1']:.3f}, top-3 {r['image_top3']:.3f}")
     return "\n".join(lines)
