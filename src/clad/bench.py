@@ -774,7 +774,9 @@ IOU_TEXT = (
     "size (longer side {pes} px)."
 )
 SPEED_TEXT = (
-    "fit (s): wall time of `fit` on the references. predict: wall time of `predict` over the test set (batch "
+    "fit (s): wall time of `fit` on the references; a detector that differs from another of the same seed only in "
+    "inference parameters (`clad_plus` beside `clad`) takes that detector's fit (`Detector.adopt`, recorded as "
+    "`fit_shared_with` in results.json) and shows its fit time, the time it would take alone. predict: wall time of `predict` over the test set (batch "
     "{bs}), per image, image decoding excluded. backbone forward: the bare backbone (`create_backbone(config."
     "backbone)`), preprocess + forward of all its feature maps at the detector's image size, batch {bs}, under "
     "`torch.inference_mode`, over the same test images, once per (dataset, category, backbone, image size) after "
@@ -839,9 +841,10 @@ def build_tables(records: Sequence[dict], det_specs: Sequence[DetectorSpec]) -> 
 
 
 def _ablation_labels(det_specs: Sequence[DetectorSpec]) -> list[str]:
-    """CLAD (full) first, then every ``clad`` variant with parameters or its own label."""
-    full = [d.label for d in det_specs if d.name == "clad" and d.is_plain]
-    variants = [d.label for d in det_specs if d.name == "clad" and not d.is_plain]
+    """CLAD and CLAD+ (full) first, then every ``clad`` / ``clad_plus`` variant with parameters or its own label."""
+    family = ("clad", "clad_plus")
+    full = [d.label for d in det_specs if d.name in family and d.is_plain]
+    variants = [d.label for d in det_specs if d.name in family and not d.is_plain]
     return full + variants if variants else []
 
 
@@ -908,7 +911,8 @@ def render_report(records: Sequence[dict], settings: dict, env: dict, det_specs:
                 continue
             spec = next(d for d in det_specs if d.label == r["label"])
             pub = PUBLISHED_TABLE2.get(r["label"]) if _kind(r["dataset"]) == "mvtec" and r["shots"] == "1" else None
-            rows.append([dataset_name(r["dataset"]), "CLAD (full)" if r["label"] in plain else r["label"],
+            full = {"clad": "CLAD (full)", "clad_plus": "CLAD+ (full)"}
+            rows.append([dataset_name(r["dataset"]), full.get(r["label"], r["label"]) if r["label"] in plain else r["label"],
                          json.dumps(spec.params) if spec.params else "defaults", r["shots"],
                          fmt_stat(st["image_auroc"], "image_auroc"), fmt_stat(st["pixel_auroc"], "pixel_auroc"),
                          f"{pub[0]}: {_pub(pub[1])} / {_pub(pub[2])}" if pub else "—"])

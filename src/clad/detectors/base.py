@@ -88,6 +88,14 @@ class Detector:
         self._after_adopt()
         return self
 
+    def _backbone(self):
+        """The backbone named by ``config.backbone``, built on first use and kept as ``backbone_``."""
+        if getattr(self, "backbone_", None) is None:
+            from clad.registry import create_backbone
+
+            self.backbone_ = create_backbone(self.config.backbone)
+        return self.backbone_
+
     def _after_adopt(self) -> None:
         """Hook: redo what depends on the inference parameters (e.g. a calibrated threshold)."""
 

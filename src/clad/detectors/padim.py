@@ -33,7 +33,7 @@ from clad.detectors.base import Detector
 from clad.ops.coreset import single_thread
 from clad.ops.features import load_batch
 from clad.detectors.patchcore import smooth_maps
-from clad.registry import create_backbone, register_detector
+from clad.registry import register_detector
 
 _POSITION_CHUNK = 256  # positions whose d x d matrices are processed at once
 
@@ -101,11 +101,6 @@ class PaDiM(Detector):
     """Per-position Gaussian of normal patch features; anomaly map = Mahalanobis distance; image score = max."""
 
     Config = PaDiMConfig
-
-    def _backbone(self):
-        if getattr(self, "backbone_", None) is None:
-            self.backbone_ = create_backbone(self.config.backbone)
-        return self.backbone_
 
     @torch.inference_mode()
     def _grid_features(self, arrays) -> torch.Tensor:

@@ -10,7 +10,7 @@ from clad.detectors.base import Detector
 from clad.ops.features import load_batch, patch_embeddings
 from clad.ops.knn import knn
 from clad.ops.smoothing import gaussian_blur, maps_to_images
-from clad.registry import create_backbone, register_detector
+from clad.registry import register_detector
 
 
 @dataclass
@@ -31,11 +31,6 @@ class PatchKNN(Detector):
     """Distance of each test patch to its nearest normal patch; image score is the largest patch score."""
 
     Config = PatchKNNConfig
-
-    def _backbone(self):
-        if getattr(self, "backbone_", None) is None:
-            self.backbone_ = create_backbone(self.config.backbone)
-        return self.backbone_
 
     def _embed(self, arrays) -> torch.Tensor:
         bb = self._backbone()

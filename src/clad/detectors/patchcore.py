@@ -32,7 +32,7 @@ from clad.ops.coreset import KCenterIndex, greedy_coreset, single_thread
 from clad.ops.features import load_batch, patch_embeddings
 from clad.ops.knn import knn
 from clad.ops.smoothing import gaussian_kernel1d
-from clad.registry import create_backbone, register_detector
+from clad.registry import register_detector
 
 
 @dataclass
@@ -102,11 +102,6 @@ class PatchCore(Detector):
     """Nearest-neighbour distance to a coreset of normal patch features; image score = largest patch score."""
 
     Config = PatchCoreConfig
-
-    def _backbone(self):
-        if getattr(self, "backbone_", None) is None:
-            self.backbone_ = create_backbone(self.config.backbone)
-        return self.backbone_
 
     def _embed(self, arrays) -> torch.Tensor:
         """RGB arrays -> patch features (B, C, h, w)."""

@@ -23,7 +23,7 @@ from clad.detectors.padim import on_grid
 from clad.detectors.patchcore import smooth_maps
 from clad.ops.features import load_batch
 from clad.ops.knn import knn
-from clad.registry import create_backbone, register_detector
+from clad.registry import register_detector
 
 _GALLERY_ROWS = 64 * 1024  # gallery rows gathered at once for one test image (64k x 176 floats = 45 MB)
 
@@ -50,11 +50,6 @@ class SPADE(Detector):
     """Image-level k-NN on global features, then pixel-level k-NN against the nearest images' feature maps."""
 
     Config = SPADEConfig
-
-    def _backbone(self):
-        if getattr(self, "backbone_", None) is None:
-            self.backbone_ = create_backbone(self.config.backbone)
-        return self.backbone_
 
     @torch.inference_mode()
     def _embed(self, arrays) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
