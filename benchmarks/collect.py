@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -126,7 +127,9 @@ def target_lines(runs) -> list[str]:
 
 
 def environment_line(doc) -> str:
-    env = doc.get("environment", {})
+    env = doc.get("environment") or {}
+    if not env:
+        return ""
     return (f"Machine: {env.get('cpu_count')} CPU cores, {env.get('platform')}, torch {env.get('torch')} "
             f"({env.get('torch_threads')} threads), {'GPU ' + env['cuda'] if env.get('cuda') else 'no GPU'}; "
             f"clad {env.get('clad')}.")
@@ -139,16 +142,17 @@ def command_line(doc) -> str:
     return "```bash\n" + " ".join(f'"{c}"' if any(ch in c for ch in "[];") else c for c in cmd) + "\n```"
 
 
-def generate(folders) -> str:
+def generate(folders, base: Path = HERE) -> str:
     out = []
     for folder in folders:
+        rel = Path(os.path.relpath(folder, base)).as_posix()
         if not (folder / "results.json").is_file():
             out += [f"### `{folder.name}`", "", f"(no results.json in {folder}: not run yet)", ""]
             continue
         runs, doc = load(folder)
-        out += [f"### `{folder.relative_to(HERE)}`", "", command_line(doc), "",
+        out += [f"### `{rel}`", "", command_line(doc), "",
                 environment_line(doc) + f" {len(runs)} finished runs in this folder; the bench's own report: "
-                f"[`{folder.relative_to(HERE)}/report.md`]({folder.relative_to(HERE)}/report.md).", "",
+                f"[`{rel}/report.md`]({rel}/report.md).", "",
                 "Image and pixel AUROC, AUPRO, F1-max and IoU in %, mean ± sample std over seeds; IoU at the "
                 "pixel F1-max threshold (an oracle threshold; see report.md).", ""]
         out += summary_table(runs) + [""]
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
         text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    a.readme.write_text(head + BEGIN + "\n\n" + generate([f.resolve() for f in a.folders]) + "\n" + END + tail)
+    a.readme.write_text(head + BEGIN + "\n\n" + generate([f.resolve() for f in a.folders], a.readme.resolve().parent) + "\n" + END + tail)
     print(f"wrote {a.readme}")
     return 0
 

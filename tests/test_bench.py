@@ -256,3 +256,33 @@ def test_report_puts_published_numbers_beside_plain_detectors_and_lists_ablation
     assert "pc128" not in table2
     assert "0.80" in md.split("## Table 4")[1].split("## Speed")[0]
     assert [r["label"] for r in tables["table1"]] == ["clad", "clad-no-contrastive", "pc128"]
+
+
+def test_collect_rewrites_only_the_generated_part_of_the_readme(tmp_path):
+    """benchmarks/collect.py: summary by category/detector/shots, the CLAD+ target line, hand-written text kept."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("collect", Path(__file__).parents[1] / "benchmarks" / "collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+
+    def run(label, seed, auroc):
+        metrics = {k: 0.5 for k in ("pixel_auroc", "aupro", "image_f1_max", "iou", "fit_seconds",
+                                    "predict_ms_per_image", "predict_over_backbone")}
+        metrics["image_auroc"] = auroc
+        return {"status": "ok", "settings": {"category": "tile", "label": label, "shots": "1", "seed": seed},
+                "metrics": metrics}
+
+    folder = tmp_path / "main"
+    folder.mkdir()
+    runs = [run("patchcore", 0, 0.6), run("patchcore", 1, 0.8), run("clad_plus", 0, 0.9), run("clad_plus", 1, 0.9)]
+    (folder / "results.json").write_text(json.dumps({"runs": runs, "environment": {}, "settings": {}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# B\n\nkept above\n\n{collect.BEGIN}\nSTALE-TEXT\n{collect.END}\n\nkept below\n")
+    collect.main([str(folder), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "kept above" in text and "kept below" in text and "STALE-TEXT" not in text
+    assert "| tile | patchcore | 1 | 2 | 70.0 ± 14.1 |" in text  # mean and sample std over the two seeds
+    # errors: PatchCore (0.4 + 0.2) / 2 = 0.3, CLAD+ 0.1: ratio 0.33, target met
+    assert "ratio **0.33** (target <= 0.50: **met**)" in text
