@@ -310,3 +310,15 @@ def test_detector_without_shared_space_says_type_unknown_unless_a_catalogue_name
     e = explain(det, [image], result, pixel_threshold=0.5 * float(result.scores[0]), catalogue=cat)[0]
     assert e.named_type == "dark spot" and "most likely dark spot" in e.sentence
     _check_sentence_facts(e)
+
+
+def test_gradcam_maps_for_patchcore():
+    """PatchCore's score (largest patch distance to the memory) is differentiable through the backbone."""
+    refs = [texture((128, 128), s) for s in range(3)]
+    det = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=128).fit(refs)
+    bad, mask = plant_square(texture((128, 128), 20), 40, 50, 28, value=0)
+    maps = gradcam_maps(det, [texture((48, 70), 11), bad])
+    assert [m.shape for m in maps] == [(48, 70), (128, 128)]
+    assert all(np.isfinite(m).all() and (m >= 0).all() for m in maps)
+    assert mask[np.unravel_index(maps[1].argmax(), mask.shape)]  # the evidence peaks on the planted defect
+    assert maps[1][mask].mean() > 2 * maps[1][~mask].mean()

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from clad.detectors.base import Detector
 from clad.ops.coreset import KCenterIndex, greedy_coreset, single_thread
-from clad.ops.features import load_batch, patch_embeddings
+from clad.ops.features import aggregate, load_batch, patch_embeddings
+from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
 from clad.ops.smoothing import gaussian_kernel1d
 from clad.registry import register_detector
@@ -113,15 +114,44 @@ class PatchCore(Detector):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch (B, 3, S, S) -> patch features (B, C, h, w)."""
         cfg = self.config
-        bb = self._backbone()
-        emb = patch_embeddings(bb, x, cfg.layers, cfg.neighbourhood)  # (B, sum C_l, h, w)
+        return self._project(patch_embeddings(self._backbone(), x, cfg.layers, cfg.neighbourhood))
+
+    def _project(self, emb: torch.Tensor) -> torch.Tensor:
+        """Aggregated features (B, sum C_l, h, w) -> (B, embed_dim, h, w): per-layer then joint adaptive pooling."""
+        cfg = self.config
         if cfg.embed_dim is None:
             return emb
+        bb = self._backbone()
         b, _, h, w = emb.shape
         per_layer = emb.split([bb.info(n).channels for n in cfg.layers], dim=1)
         pooled = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), cfg.embed_dim) for f in per_layer]
         emb = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), cfg.embed_dim)  # (B*h*w, 1, D)
         return emb.view(b, h, w, cfg.embed_dim).permute(0, 3, 1, 2)
+
+    def gradcam(self, images, batch_size: int = 16) -> list[np.ndarray]:
+        """Grad-CAM (paper Eq. 5) of the image score w.r.t. the deepest layer's activations: one map per image.
+
+        The score is the largest patch distance to the memory; the nearest memory row of each patch is found
+        without gradient, then the distance to it is differentiated (the min is piecewise that distance).
+        """
+        self._check_fitted()
+        cfg, bb = self.config, self._backbone()
+        out = []
+        for start in range(0, len(images), batch_size):
+            arrays, shapes = load_batch(images[start : start + batch_size])
+            x = bb.preprocess(arrays, cfg.image_size)
+            with torch.no_grad():
+                feats = bb(x, cfg.layers)
+            act = feats[cfg.layers[-1]].detach().requires_grad_(True)
+            with torch.enable_grad():
+                emb = self._project(aggregate({**feats, cfg.layers[-1]: act}, cfg.layers, cfg.neighbourhood))
+                b, c, h, w = emb.shape
+                flat = emb.permute(0, 2, 3, 1).reshape(-1, c)
+                _, nearest = self._index().nearest(flat.detach(), self.config.n_probe)
+                score = (flat - self.memory_bank_[nearest]).norm(dim=1).view(b, h * w).max(1).values
+                cam = grad_cam(score, act)
+            out += smooth_maps(cam.detach(), cfg.image_size, cfg.sigma, shapes)
+        return out
 
     def _fit(self, images) -> None:
         cfg = self.config

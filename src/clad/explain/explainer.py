@@ -71,18 +71,21 @@ def score_is_map_max(detector) -> bool:
 def gradcam_maps(detector, images: Sequence[ImageLike], batch_size: int = 16) -> list[np.ndarray]:
     """Grad-CAM maps (paper Eq. 5) of the detector's score, one (H_i, W_i) map per image at its own size.
 
-    Needs a detector whose score is differentiable through its backbone and which has a Grad-CAM path
-    (clad, clad_plus: ``localization="gradcam"``); the detector itself is left unchanged.
+    Needs a detector whose score is differentiable through its backbone and which has a Grad-CAM path: clad and
+    clad_plus (``localization="gradcam"``, of ||z_v - z_t||^2), patchcore (``PatchCore.gradcam``, of the largest
+    patch distance to the memory). The detector itself is left unchanged.
     """
     cfg = getattr(detector, "config", None)
-    if not (callable(getattr(detector, "_gradcam", None)) and dataclasses.is_dataclass(cfg) and hasattr(cfg, "localization")):
-        raise TypeError(
-            f"{getattr(detector, 'name', type(detector).__name__)}: Grad-CAM needs a score that is differentiable "
-            "through the backbone and a Grad-CAM path; available for clad and clad_plus"
-        )
-    twin = copy.copy(detector)  # shares the fitted modules, but not the config
-    twin.config = dataclasses.replace(cfg, localization="gradcam")
-    return twin.predict(list(images), batch_size=batch_size).anomaly_maps
+    if callable(getattr(detector, "_gradcam", None)) and dataclasses.is_dataclass(cfg) and hasattr(cfg, "localization"):
+        twin = copy.copy(detector)  # shares the fitted modules, but not the config
+        twin.config = dataclasses.replace(cfg, localization="gradcam")
+        return twin.predict(list(images), batch_size=batch_size).anomaly_maps
+    if callable(getattr(detector, "gradcam", None)):
+        return detector.gradcam(list(images), batch_size=batch_size)
+    raise TypeError(
+        f"{getattr(detector, 'name', type(detector).__name__)}: Grad-CAM needs a score that is differentiable "
+        "through the backbone and a Grad-CAM path; available for clad, clad_plus and patchcore"
+    )
 
 
 class FeatureSpace:

@@ -29,7 +29,11 @@ def patch_embeddings(
     Each layer is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local aggregation),
     upsampled bilinearly to the first layer's grid and concatenated along channels.
     """
-    feats = backbone(x, layers)
+    return aggregate(backbone(x, layers), layers, neighbourhood)
+
+
+def aggregate(feats: dict[str, torch.Tensor], layers: Sequence[str], neighbourhood: int = 3) -> torch.Tensor:
+    """The aggregation of ``patch_embeddings`` on given feature maps (differentiable, for Grad-CAM)."""
     grid = feats[layers[0]].shape[-2:]
     out = []
     for name in layers:
