@@ -70,6 +70,18 @@ def test_kcenter_index_is_exact():
     assert (i == i_ref[:, 0]).float().mean() > 0.999
 
 
+def test_kcenter_index_split_over_threads_gives_the_same_answer():
+    bank = clustered(3000, 24, 10, seed=6)
+    query = clustered(4100, 24, 10, seed=7)  # above the 2048 queries from which the search is split
+    index = KCenterIndex(bank)
+    for n_probe in (0, 1):
+        d1, i1 = index.nearest(query, n_probe, workers=1)
+        d3, i3 = index.nearest(query, n_probe, workers=3)
+        torch.testing.assert_close(d3, d1)
+        assert torch.equal(i3, i1)
+    torch.testing.assert_close(index.nearest(query, workers=2)[0], knn(query, bank, k=1)[0][:, 0], atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("n_patches,ratio,expected", [(1000, 0.1, 100), (1001, 0.1, 101), (10, 0.01, 1), (7, 1.0, 7)])
 def test_coreset_size_rounds_up(n_patches, ratio, expected):
     assert coreset_size(n_patches, ratio) == expected == min(n_patches, max(1, math.ceil(ratio * n_patches - 1e-9)))

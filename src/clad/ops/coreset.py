@@ -4,11 +4,13 @@ Both use the same trick to stay fast on a CPU: points are grouped into compact b
 radius ``rho_b``), and the triangle inequality ``|x - c| >= |mu_b - c| - rho_b`` skips every block that a new
 centre (or a query) cannot get closer to. The results are those of the plain algorithms; only the work shrinks.
 Loops of many small tensor ops run on one thread (``single_thread``): on a busy machine, splitting each small op
-over threads costs far more in synchronisation than it saves.
+over threads costs far more in synchronisation than it saves. ``KCenterIndex.nearest`` uses the cores by splitting
+the queries instead, one single-threaded search per thread.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -185,32 +187,46 @@ class KCenterIndex:
             0, a, (self.bank - self.means[a]).norm(dim=1), "amax", include_self=False
         )
 
-    @torch.inference_mode()
-    def nearest(self, query: torch.Tensor, n_probe: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, query: torch.Tensor, n_probe: int = 0, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """query (N, D) -> (distance (N,), bank row index (N,)) of each query's nearest bank row.
+
+        The queries are split over ``workers`` threads (default: torch's thread count), each running the
+        single-threaded search below on its share; results do not depend on the split.
+        """
+        workers = max(1, int(workers or torch.get_num_threads()))
+        if workers == 1 or len(query) < 2048:
+            with single_thread():
+                return self._nearest(query, n_probe)
+        parts = query.chunk(workers)
+        with single_thread(), ThreadPoolExecutor(len(parts)) as pool:
+            outs = list(pool.map(lambda part: self._nearest(part, n_probe), parts))
+        return torch.cat([d for d, _ in outs]), torch.cat([i for _, i in outs])
+
+    @torch.inference_mode()
+    def _nearest(self, query: torch.Tensor, n_probe: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search of ``nearest`` on one thread.
 
         n_probe = 0: exact. n_probe > 0: approximate, each query searches only its ``n_probe`` closest clusters
         (an inverted-file search: faster, and a distance can only come out larger than the exact one).
         """
-        with single_thread():
-            q = query.float()
-            n = q.shape[0]
-            q_sq = (q * q).sum(1)
-            # Distance to each cluster mean: |q - mu_j| - rho_j bounds the distance to every row of cluster j.
-            dm = torch.addmm(self.means_sq, q, self.means.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0).sqrt_()
-            # Pass 1: each query searches its closest cluster(s), which gives a tight upper bound.
-            probe = dm.topk(max(1, n_probe), dim=1, largest=False).indices  # (N, p)
-            best = torch.full((n,), float("inf"))
-            best_i = torch.zeros(n, dtype=torch.long)
-            rows = torch.arange(n)[:, None].expand_as(probe)
-            self._search(q, q_sq, probe.reshape(-1), rows.reshape(-1), best, best_i)
-            if n_probe == 0:
-                # Pass 2: only the clusters whose lower bound beats that upper bound.
-                need = (dm - self.radii).mul_(1 - _SLACK) < best.clamp_min(0).sqrt()[:, None]  # (N, C)
-                need[torch.arange(n), probe[:, 0]] = False
-                pairs = need.nonzero()  # (P, 2) as (query, cluster)
-                self._search(q, q_sq, pairs[:, 1], pairs[:, 0], best, best_i)
-            return best.clamp_min(0).sqrt(), self.order[best_i]
+        q = query.float()
+        n = q.shape[0]
+        q_sq = (q * q).sum(1)
+        # Distance to each cluster mean: |q - mu_j| - rho_j bounds the distance to every row of cluster j.
+        dm = torch.addmm(self.means_sq, q, self.means.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0).sqrt_()
+        # Pass 1: each query searches its closest cluster(s), which gives a tight upper bound.
+        probe = dm.topk(max(1, n_probe), dim=1, largest=False).indices  # (N, p)
+        best = torch.full((n,), float("inf"))
+        best_i = torch.zeros(n, dtype=torch.long)
+        rows = torch.arange(n)[:, None].expand_as(probe)
+        self._search(q, q_sq, probe.reshape(-1), rows.reshape(-1), best, best_i)
+        if n_probe == 0:
+            # Pass 2: only the clusters whose lower bound beats that upper bound.
+            need = (dm - self.radii).mul_(1 - _SLACK) < best.clamp_min(0).sqrt()[:, None]  # (N, C)
+            need[torch.arange(n), probe[:, 0]] = False
+            pairs = need.nonzero()  # (P, 2) as (query, cluster)
+            self._search(q, q_sq, pairs[:, 1], pairs[:, 0], best, best_i)
+        return best.clamp_min(0).sqrt(), self.order[best_i]
 
     def _search(self, q, q_sq, clusters, queries, best, best_i) -> None:
         """Update (best squared distance, best row) of each query with its pairs (query, cluster): (P,), (P,)."""
