@@ -139,7 +139,10 @@ def command_line(doc) -> str:
     cmd = doc.get("settings", {}).get("command")
     if not cmd:
         return ""
-    return "```bash\n" + " ".join(f'"{c}"' if any(ch in c for ch in "[];") else c for c in cmd) + "\n```"
+    def quote(c: str) -> str:  # the bench records arguments shell-quoted already where needed
+        return f'"{c}"' if any(ch in c for ch in "[];") and c[:1] not in "'\"" else c
+
+    return "```bash\n" + " ".join(quote(c) for c in cmd) + "\n```"
 
 
 def generate(folders, base: Path = HERE) -> str:
