@@ -776,8 +776,8 @@ IOU_TEXT = (
 SPEED_TEXT = (
     "fit (s): wall time of `fit` on the references; a detector that differs from another of the same seed only in "
     "inference parameters (`clad_plus` beside `clad`) takes that detector's fit (`Detector.adopt`, recorded as "
-    "`fit_shared_with` in results.json) and shows its fit time, the time it would take alone. predict: wall time of `predict` over the test set (batch "
-    "{bs}), per image, image decoding excluded. backbone forward: the bare backbone (`create_backbone(config."
+    "`fit_shared_with` in results.json) and shows its fit time, the time it would take alone. predict: wall time "
+    "of `predict` over the test set (batch {bs}), per image, image decoding excluded. backbone forward: the bare backbone (`create_backbone(config."
     "backbone)`), preprocess + forward of all its feature maps at the detector's image size, batch {bs}, under "
     "`torch.inference_mode`, over the same test images, once per (dataset, category, backbone, image size) after "
     "one untimed warm-up batch; predict / backbone is the ratio of the two (1.0 = as fast as the bare backbone). "

@@ -31,8 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clad.detectors.base import Detector
-from clad.ops.features import load_batch
 from clad.ops.coreset import KCenterIndex, greedy_coreset
+from clad.ops.features import aggregate, load_batch
 from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
 from clad.ops.losses import contrastive_loss, supervised_loss
@@ -190,10 +190,7 @@ class CLAD(Detector):
     @staticmethod
     def _combine(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         """3x3 aggregation of both maps, the deeper one upsampled to the first grid: (B, C1 + C2, h, w)."""
-        a = F.avg_pool2d(h1, 3, 1, 1, count_include_pad=False)
-        b = F.avg_pool2d(h2, 3, 1, 1, count_include_pad=False)
-        b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([a, b], 1)
+        return aggregate({"first": h1, "last": h2}, ("first", "last"), 3)
 
     def _embed_patches(self, feat: torch.Tensor) -> torch.Tensor:
         h = self.heads_
