@@ -56,6 +56,24 @@ def test_data_and_shots_syntax(tmp_path):
         bench.parse_shots("0")
 
 
+def test_aux_sets_clad_params_and_changes_only_those_cache_keys(tmp_path):
+    specs = parse_detector_specs("clad,patchcore")
+    with_aux = bench.with_aux(specs, f"mvtec:{tmp_path}/other")
+    assert with_aux[0].params == {"aux": f"mvtec:{tmp_path}/other"} and with_aux[1] == specs[1]
+    with pytest.raises(ValueError, match="none of the detectors"):
+        bench.with_aux(parse_detector_specs("patchcore"), f"mvtec:{tmp_path}")
+
+    def key(spec):
+        return bench.Run(f"mvtec:{tmp_path}", "bottle", spec, 1, 0).key(256)
+
+    # Without aux, the aux fields change nothing, so runs cached before they existed keep their keys.
+    resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", specs[0], 1, 0).settings()["resolved_params"]
+    assert "aux" not in resolved and "aux_images" not in resolved and "epochs" in resolved
+    resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", with_aux[0], 1, 0).settings()["resolved_params"]
+    assert resolved["aux"] == f"mvtec:{tmp_path}/other" and resolved["aux_images"] == 32
+    assert key(with_aux[0]) != key(specs[0])
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clad
 from clad.ops.gradcam import grad_cam
@@ -145,3 +146,53 @@ def test_many_references_keep_a_bounded_memory(tiny_clip_dir, monkeypatch):
     bad, mask = plant_square(texture((64, 64), 11), 20, 30, 12)
     res = det.predict([texture((64, 64), 10), bad])
     assert res.scores[1] > res.scores[0]
+
+
+def test_aux_kind_maps_dataset_defect_names():
+    from clad.detectors.clad import KIND_DESCRIPTIONS, aux_kind
+
+    classes = ["normal", *KIND_DESCRIPTIONS]
+    assert aux_kind("broken_large", classes) == "missing_part"
+    assert aux_kind("contamination", classes) == "stain"
+    assert aux_kind("blowhole", classes) == "hole"
+    assert aux_kind("fray", classes) == "crack"
+    assert aux_kind("uneven", classes) == "texture"
+    assert aux_kind("something_else", classes) == "texture"
+
+
+def test_aux_defects_come_from_other_categories_only(tiny_clip_dir, tmp_path):
+    from clad.data import load_image, make_synthetic_mvtec
+    from clad.detectors.clad import load_aux
+
+    make_synthetic_mvtec(tmp_path, category="own", n_train=2, n_test_good=1, n_test_defect=3, size=48, seed=0)
+    make_synthetic_mvtec(tmp_path, category="other", n_train=2, n_test_good=1, n_test_defect=6, size=48, seed=1)
+    own = "own"
+    images, masks, types = load_aux(f"mvtec:{tmp_path}", own, n=4, seed=0, size=32)
+    assert len(images) == 4 and all(im.shape == (32, 32, 3) for im in images)
+    assert all(m.shape == (32, 32) and m.dtype == bool and m.any() for m in masks)
+    assert len(set(types)) > 1  # round-robin over defect types
+    # Every image is one of the other category's test images, none of the evaluated category's.
+    other = [np.asarray(Image.fromarray(load_image(p)).resize((32, 32), Image.BILINEAR))
+             for p in sorted((tmp_path / "other" / "test").rglob("*.png"))]
+    assert all(any(np.array_equal(im, o) for o in other) for im in images)
+    with pytest.raises(ValueError, match="no category other than"):
+        load_aux(f"mvtec:{_only(tmp_path, own)}", own, n=4, seed=0, size=32)
+    with pytest.raises(ValueError, match="evaluated category"):
+        load_aux(f"mvtec:{tmp_path}", None, n=4, seed=0, size=32)
+    # A CLAD fit with aux trains on them and records their types (saved with the model).
+    refs = [texture((64, 64), s) for s in range(2)]
+    det = clad.create_detector("clad", **_tiny(tiny_clip_dir, category=own, aux=f"mvtec:{tmp_path}", aux_images=3)).fit(refs)
+    assert len(det.aux_types_) == 3
+    det.save(tmp_path / "model")
+    assert clad.load_detector(tmp_path / "model").aux_types_ == det.aux_types_
+    assert np.isfinite(det.predict([texture((64, 64), 9)]).scores).all()
+
+
+def _only(root, category):
+    """A dataset root holding just ``category`` (a symlink), to check the 'nothing else' error."""
+    alone = root / "alone"
+    alone.mkdir(exist_ok=True)
+    link = alone / category
+    if not link.exists():
+        link.symlink_to(root / category, target_is_directory=True)
+    return alone

@@ -1,7 +1,6 @@
 """Datasets on tiny synthetic trees (MVTec layout, VisA csv, plain folders) and, when present, the real data."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,8 @@ def _save(path: Path, array: np.ndarray) -> Path:
 
 
 # -- synthetic tree and MVTecAD --------------------------------------------------------------------------------
-def test_synthetic_tree_is_deterministic_and_fast(tmp_path):
-    t0 = time.perf_counter()
+def test_synthetic_tree_is_deterministic(tmp_path):
     a = make_synthetic_mvtec(tmp_path / "a", seed=3)
-    assert time.perf_counter() - t0 < 5.0  # < 1 s on an idle machine; generous for shared CI cores
     b = make_synthetic_mvtec(tmp_path / "b", seed=3)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))

@@ -170,6 +170,24 @@ def parse_detector_specs(text: str | Sequence[str]) -> list[DetectorSpec]:
     return specs
 
 
+def with_aux(specs: list[DetectorSpec], aux: str) -> list[DetectorSpec]:
+    """The specs with ``aux`` (one dataset spec, made absolute) set on every detector that has the parameter."""
+    from clad.registry import detector_class
+
+    auxes = parse_data_specs(aux)
+    if len(auxes) != 1:
+        raise ValueError(f"--aux: expected one dataset spec, got {len(auxes)}")
+    out = []
+    for s in specs:
+        fields = getattr(detector_class(s.name).Config, "__dataclass_fields__", {})
+        if "aux" in fields and "aux" not in s.params:
+            s = dataclasses.replace(s, params={**s.params, "aux": auxes[0]})
+        out.append(s)
+    if all(o is s for o, s in zip(out, specs)):
+        raise ValueError(f"--aux: none of the detectors {[s.label for s in specs]} trains on auxiliary data")
+    return out
+
+
 def parse_data_specs(text: str | Sequence[str]) -> list[str]:
     """``mvtec:ROOT,visa:ROOT,folder:GOOD,DEFECT,MASKS`` -> one spec per dataset, paths made absolute.
 
@@ -288,9 +306,15 @@ class Run:
 
         params = self.detector_params()
         try:  # the resolved config, so that a changed default is a different run
-            resolved = dataclasses.asdict(make_config(detector_class(self.detector.name).Config, params, ""))
+            config = make_config(detector_class(self.detector.name).Config, params, "")
+            resolved = dataclasses.asdict(config)
         except Exception:  # noqa: BLE001 - the run itself reports the error; the key needs only the given params
             resolved = None
+        else:  # a field that changes nothing at these values (metadata ``omit_from_key_when``) is left out
+            for f in dataclasses.fields(config):
+                when = f.metadata.get("omit_from_key_when")
+                if when and all(resolved.get(k) == v for k, v in when.items()):
+                    resolved.pop(f.name)
         return {
             "dataset": self.dataset,
             "category": self.category_name,
@@ -599,8 +623,11 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
 
 def run_bench(out: str | Path, data, categories="all", detectors="patchcore", shots="1", runs: int = 5,
               batch_size: int = 16, pixel_eval_size: int | None = 256, plots: bool = True,
-              progress: bool = True, argv: Sequence[str] | None = None) -> dict:
+              progress: bool = True, argv: Sequence[str] | None = None, aux: str | None = None) -> dict:
     """Run (or take from the cache) every run of the grid, then write results.json, report.md and plots.
+
+    ``aux``: a dataset spec of labelled defects that every detector taking an ``aux`` parameter (CLAD) also trains
+    on, unless its spec sets one; the evaluated category itself is never used.
 
     Returns a summary: ``ran``, ``cached``, ``failed`` (counts for this invocation), ``interrupted``, the paths
     written and the ``records`` of every planned run that has one.
@@ -617,6 +644,8 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
 
     for d in det_specs:
         detector_class(d.name)  # an unknown name is a typo: stop before running anything
+    if aux:
+        det_specs = with_aux(det_specs, aux)
     cats = resolve_categories(data_specs, categories)
     plan = plan_runs(data_specs, cats, det_specs, shot_list, range(runs))
     runs_dir, bt_dir = out / "runs", out / "backbone_times"
@@ -1280,6 +1309,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shots", default="1", help="comma-separated reference counts or 'all' (default 1)")
     p.add_argument("--runs", type=int, default=5, help="runs per cell; run r uses seed r (default 5)")
     p.add_argument("--out", help="bench folder: runs/ (cache), results.json, report.md, plots/")
+    p.add_argument("--aux", metavar="SPEC", help="labelled defects of other categories for CLAD to train on too, "
+                   "e.g. mvtec:ROOT (the evaluated category is always left out)")
     p.add_argument("--batch-size", type=int, default=16, help="predict and backbone-timing batch (default 16)")
     p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -1301,6 +1332,8 @@ def _command(args) -> list[str]:
         out += ["--batch-size", str(args.batch_size)]
     if args.pixel_eval_size != 256:
         out += ["--pixel-eval-size", str(args.pixel_eval_size or 0)]
+    if args.aux:
+        out += ["--aux", args.aux]
     return [f"'{a}'" if re.search(r"[\s\[\];@]", a) else a for a in out]
 
 
@@ -1329,7 +1362,7 @@ def cmd_bench(args) -> int:
             raise SystemExit("clad bench: --out DIR is needed (or --rating-sheet DIR, or --ratings with --key)")
         summary = run_bench(args.out, args.data, args.categories, args.detectors, args.shots, args.runs,
                             batch_size=args.batch_size, pixel_eval_size=pes, plots=not args.no_plots,
-                            argv=_command(args))
+                            argv=_command(args), aux=args.aux)
     except ValueError as e:  # bad --data/--detectors/--shots/--categories: say which, no traceback
         raise SystemExit(f"clad bench: {e}") from None
     if summary["interrupted"]:

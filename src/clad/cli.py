@@ -32,6 +32,8 @@ def _detector_params(args) -> dict:
     params = _parse_params(args.param)
     if getattr(args, "backbone", None):
         params["backbone"] = args.backbone
+    if getattr(args, "aux", None):
+        params["aux"] = args.aux
     if getattr(args, "seed", None) is not None:
         params.setdefault("seed", args.seed)
     return params
@@ -54,6 +56,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="backbone spec, e.g. efficientnet_lite0, tiny_cnn, clip:/path/to/hf_clip_folder")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed for the choice of references and the detector (default 0)")
+    p.add_argument("--aux", metavar="SPEC", help="CLAD: labelled defects of other categories to train on too, "
+                   "e.g. mvtec:ROOT (the evaluated --category is always left out)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:

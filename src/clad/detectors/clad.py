@@ -9,7 +9,8 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
   ``finetune_text_layers`` layers fine-tuned; a head g_t maps each description into the shared space. A class's
   embedding is the normalised mean over its description ensemble.
 - Training pairs (Eq. 3): normal patches/images with the normal descriptions, synthetic-anomaly patches/images
-  (``clad.synthesis``, made on the k references only) with the description of their kind.
+  (``clad.synthesis``, made on the k references only) with the description of their kind; optionally (``aux``)
+  real labelled defects of other categories, each with the description its defect type maps to (``aux_kind``).
 - Eq. 6-7: L = L_contrastive + lambda * (||dec_v(z_v) - f_v||^2 + ||dec_t(z_t) - f_t||^2), the decoders mapping the
   shared space back to the frozen encoders' features (normal patches only on the visual side).
 - Eq. 4: S = exp(-||z_v - z_t||^2 / sigma) against the normal class embedding, sigma = mean squared distance of the
@@ -59,6 +60,75 @@ KIND_DESCRIPTIONS = {
     "deformation": ("a photo of a deformed {}.", "a photo of a bent {}."),
     "missing_part": ("a photo of a {} with a missing part.", "a photo of a broken {}."),
 }
+# Words in a dataset's defect-type name -> the kind whose descriptions an auxiliary defect is trained with;
+# the first match wins, a name matching none trains with "texture" (the most generic surface description).
+AUX_KIND_WORDS = (
+    ("scratch", "scratch"), ("crack", "crack"), ("fray", "crack"), ("break", "crack"), ("split", "crack"),
+    ("hole", "hole"), ("pit", "hole"), ("poke", "hole"), ("dent", "hole"),
+    ("broken", "missing_part"), ("missing", "missing_part"), ("cut", "missing_part"), ("chip", "missing_part"),
+    ("contamina", "stain"), ("stain", "stain"), ("colo", "stain"), ("oil", "stain"), ("liquid", "stain"),
+    ("glue", "stain"), ("print", "stain"), ("spot", "stain"),
+    ("bent", "deformation"), ("deform", "deformation"), ("squeez", "deformation"), ("fold", "deformation"),
+    ("flip", "deformation"), ("misplaced", "cut_paste"), ("fabric", "cut_paste"), ("thread", "cut_paste"),
+    ("uneven", "texture"), ("rough", "texture"),
+)
+
+
+def aux_kind(defect_type: str, classes: list[str]) -> str:
+    """The training class of an auxiliary defect named ``defect_type`` (e.g. "broken_large" -> "missing_part")."""
+    name = defect_type.lower()
+    for word, kind in AUX_KIND_WORDS:
+        if word in name and kind in classes:
+            return kind
+    return "texture" if "texture" in classes else classes[-1]
+
+
+def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: int):
+    """Up to ``n`` labelled defective images of a dataset spec ("mvtec:ROOT", "visa:ROOT", "folder:GOOD,DEFECT,MASKS"),
+    drawn seeded and round-robin over its categories and defect types, never from ``exclude_category``.
+
+    Returns (images (size, size, 3) uint8, masks (size, size) bool, defect types). An unreadable image or mask is
+    skipped with a warning naming it.
+    """
+    import warnings
+
+    from clad.data.datasets import list_categories, open_dataset
+
+    scheme = spec.split(":", 1)[0]
+    if scheme == "folder":
+        sets = [open_dataset(spec, None, "test")]
+    else:
+        if not exclude_category:
+            raise ValueError(f"aux={spec!r}: set the evaluated category (config 'category'), so that its own "
+                             "images are never used for training")
+        cats = [c for c in list_categories(spec) if c != exclude_category]
+        if not cats:
+            raise ValueError(f"aux={spec!r}: no category other than {exclude_category!r} to train on")
+        sets = [open_dataset(spec, c, "test") for c in cats]
+    rng = np.random.default_rng(seed)
+    groups = []  # one seeded queue of defective images per (category, defect type)
+    for ds in sets:
+        for t in sorted({d for d, y in zip(ds.defect_types, ds.labels) if y}):
+            idx = [i for i, (d, y) in enumerate(zip(ds.defect_types, ds.labels)) if y and d == t]
+            groups.append([(ds, int(i)) for i in rng.permutation(idx)])
+    if not groups:
+        raise ValueError(f"aux={spec!r}: no labelled defective images found")
+    picks = []
+    for r in range(max(len(g) for g in groups)):
+        picks += [g[r] for g in groups if r < len(g)]
+    images, masks, types = [], [], []
+    for ds, i in picks:
+        if len(images) == n:
+            break
+        try:
+            sample = ds[i]
+        except Exception as exc:  # a bad file costs one example, not the training run
+            warnings.warn(f"aux: skipping {ds.paths[i]}: {exc}", stacklevel=2)
+            continue
+        images.append(np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR)))
+        masks.append(np.asarray(Image.fromarray(sample.mask).resize((size, size), Image.NEAREST)))
+        types.append(sample.defect_type)
+    return images, masks, types
 
 
 def object_name(category: str | None, override: str | None) -> str:
@@ -97,6 +167,11 @@ class CLADConfig:
     batch_size: int = 16
     lr: float = 1e-3
     backbone_lr: float = 1e-4
+    # Labelled defects of other categories to train on too ("mvtec:ROOT", "visa:ROOT", ...), and at most how many.
+    # Without aux, neither changes anything, so they stay out of the bench's cache keys (runs made before they
+    # existed stay valid).
+    aux: str | None = field(default=None, metadata={"omit_from_key_when": {"aux": None}})
+    aux_images: int = field(default=32, metadata={"omit_from_key_when": {"aux": None}})
     memory: bool = False  # CLAD+: fuse with a few-shot patch memory
     memory_weight: float = 0.5
     memory_max: int = 16384  # larger patch memories (many references) are cut to this by a k-center coreset
@@ -245,13 +320,20 @@ class CLAD(Detector):
         self._build()
         refs, _ = load_batch(images)
         pool, masks, kinds = self._make_pool(refs, cfg.n_train_images, rng)
+        n_own = len(pool)
+        if cfg.aux:
+            aux_images, aux_masks, aux_types = load_aux(cfg.aux, cfg.category, cfg.aux_images, cfg.seed, cfg.image_size)
+            self.aux_types_ = aux_types
+            pool, masks = pool + aux_images, masks + aux_masks
+            kinds = kinds + [aux_kind(t, self.classes_) for t in aux_types]
         bb = self.backbone_
         with torch.no_grad():
             x = torch.cat([bb.preprocess(pool[i : i + 16], cfg.image_size) for i in range(0, len(pool), 16)])
             h1, h2 = self._stage_features(x, tuned=False)
-            frozen = self._combine(h1, h2)  # (N, C, h, w) original features: reconstruction targets, memory
-            self.heads_.feat_mean.copy_(frozen.mean(dim=(0, 2, 3), keepdim=True))
-            self.heads_.feat_std.copy_(frozen.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+            frozen = self._combine(h1, h2)  # (N, C, h, w) original features: reconstruction targets
+            own = frozen[:n_own]  # feature normalisation from this category's views only
+            self.heads_.feat_mean.copy_(own.mean(dim=(0, 2, 3), keepdim=True))
+            self.heads_.feat_std.copy_(own.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
             text_frozen = self.text_(self.text_.tokenize([p for _, p in self.prompts_]))
         targets = self._patch_targets(masks, kinds, frozen.shape[-2:])
         img_targets = torch.tensor([self.classes_.index(k) for k in kinds])
@@ -448,7 +530,7 @@ class CLAD(Detector):
         t.update({f"text.{k}": v for k, v in self.text_.named_parameters() if id(v) in trainable})
         t.update(text_embeddings=self.text_embeddings_, sigma=self.sigma_, sigma_image=self.sigma_image_,
                  memory_bank=self.memory_bank_, scale_lang=self.scale_lang_, scale_mem=self.scale_mem_)
-        return t, {"classes": self.classes_, "prompts": self.prompts_}
+        return t, {"classes": self.classes_, "prompts": self.prompts_, "aux_types": getattr(self, "aux_types_", [])}
 
     def _set_state(self, tensors, meta):
         self._build()
@@ -468,6 +550,7 @@ class CLAD(Detector):
         self.index_ = None
         self.classes_ = list(meta["classes"])
         self.prompts_ = [tuple(p) for p in meta["prompts"]]
+        self.aux_types_ = list(meta.get("aux_types", []))
 
 
 @dataclass

@@ -21,6 +21,8 @@ from clad.ops.knn import knn
 _SLACK = 1e-4
 # Largest (queries x cluster rows) distance block of KCenterIndex, in floats (64 MB).
 _BLOCK = 16 * 1024 * 1024
+# Rows per chunk of the coreset's dense distance updates (chunk x new centres floats).
+_ROWS = 32768
 
 
 @contextmanager
@@ -112,36 +114,80 @@ def greedy_coreset(
         with single_thread():
             return _kcenter_plain(z.contiguous(), n, start)
     order, block_of, offsets, sizes, means, radii = _blocks(z, n_blocks or int(4 * math.sqrt(num)), gen)
-    with single_thread():
-        first = int(torch.argsort(order)[start])
-        return order[_kcenter_blocks(z[order].contiguous(), n, first, block_of, offsets, sizes, means, radii)]
+    first = int(torch.argsort(order)[start])
+    return order[_kcenter_blocks(z[order].contiguous(), n, first, block_of, offsets, sizes, means, radii)]
 
 
-def _kcenter_blocks(z, n, start, block_of, offsets, sizes, means, radii) -> torch.Tensor:
-    """Greedy k-center over rows z (N, D) already sorted by block; returns positions in z (n,)."""
+def _kcenter_blocks(z, n, start, block_of, offsets, sizes, means, radii, n_candidates: int = 4096) -> torch.Tensor:
+    """Greedy k-center over rows z (N, D) already sorted by block; returns positions in z (n,).
+
+    The same choices as ``_kcenter_plain`` (up to float rounding), with the distance updates batched. Each round
+    takes the ``n_candidates`` points farthest from the centres so far, with tau the next-largest distance. The
+    greedy choice is then run inside the candidates alone, updating only their distances: as long as the best
+    candidate is still at least tau away from every centre, it is the point the plain algorithm would choose,
+    because no other point's distance exceeds tau and distances only shrink. When it falls below tau, the round's
+    centres update every point's distance at once: one matrix product per block that they can reach (or one
+    over the whole bank when most blocks are in reach, as on fine textures), instead of one pass per centre.
+    """
     num = z.shape[0]
     sq = (z * z).sum(1)
     mind = torch.full((num,), float("inf"))  # squared distance of each point to its nearest centre
     block_max = torch.full((len(sizes),), float("inf"))  # largest ``mind`` in each block
-    rows = torch.arange(num)
+    bounds = offsets.tolist()
     sel = torch.empty(n, dtype=torch.long)
-    i = start
-    for t in range(n):
-        sel[t] = i
-        c = z[i]
-        # Blocks the new centre can reach: |mu_b - c| < rho_b + sqrt(max mind in b) (with slack for rounding).
-        reach = (radii + block_max.clamp_min(0).sqrt()) * (1 + _SLACK) + _SLACK
-        active = (torch.linalg.vector_norm(means - c, dim=1) < reach).nonzero()[:, 0]
-        lens = sizes[active]
-        ends = lens.cumsum(0)
-        total = int(ends[-1])
-        idx = torch.repeat_interleave(offsets[active] - (ends - lens), lens, output_size=total) + rows[:total]
-        mind[idx] = torch.minimum(mind[idx], torch.addmv(sq[idx] + c @ c, z[idx], c, alpha=-2.0))
-        mind[i] = -1.0  # chosen points are never chosen again, even among exact duplicates
-        block_max.scatter_reduce_(0, block_of[idx], mind[idx], "amax", include_self=False)
-        b = int(block_max.argmax())
-        i = int(offsets[b]) + int(mind[offsets[b] : offsets[b + 1]].argmax())
-    return sel
+    sel[0], t, new = start, 1, torch.tensor([start])
+    while True:
+        _lower_distances(z, sq, mind, block_max, block_of, bounds, means, radii, new)
+        mind[sel[:t]] = -1.0  # chosen points are never chosen again, even among exact duplicates
+        for b in block_of[new].unique().tolist():
+            block_max[b] = mind[bounds[b] : bounds[b + 1]].max()
+        if t == n:
+            return sel
+        k = min(n_candidates, num - t)
+        top, cand = mind.topk(min(k + 1, num))
+        tau = float(top[k]) if k < len(top) else -1.0
+        with single_thread():
+            new = cand[_greedy_among(z[cand[:k]], top[:k].clone(), max(tau, 0.0), n - t)]
+        sel[t : t + len(new)] = new
+        t += len(new)
+
+
+def _lower_distances(z, sq, mind, block_max, block_of, bounds, means, radii, new) -> None:
+    """Lower ``mind`` (and ``block_max``) in place to the distances to the new centres z[new]."""
+    c, csq = z[new], sq[new]
+    # Centre c can lower a distance in block b only if |mu_b - c| < rho_b + sqrt(max mind in b) (with slack).
+    reach = (radii + block_max.clamp_min(0).sqrt()) * (1 + _SLACK) + _SLACK
+    in_reach = torch.cdist(means, c) < reach[:, None]  # (blocks, new centres)
+    if int(in_reach.sum()) > in_reach.numel() // 4:  # little to prune: one product over the whole bank, threaded
+        for lo in range(0, len(z), _ROWS):
+            d = torch.addmm(csq[None, :], z[lo : lo + _ROWS], c.T, alpha=-2.0).add_(sq[lo : lo + _ROWS, None])
+            torch.minimum(mind[lo : lo + _ROWS], d.amin(1), out=mind[lo : lo + _ROWS])
+        block_max.scatter_reduce_(0, block_of, mind, "amax", include_self=False)
+        return
+    with single_thread():
+        for b in in_reach.any(1).nonzero()[:, 0].tolist():
+            lo, hi = bounds[b], bounds[b + 1]
+            cols = in_reach[b].nonzero()[:, 0]
+            d = torch.addmm(csq[cols][None, :], z[lo:hi], c[cols].T, alpha=-2.0).add_(sq[lo:hi, None])
+            block_max[b] = torch.minimum(mind[lo:hi], d.amin(1), out=mind[lo:hi]).max()
+
+
+def _greedy_among(cz: torch.Tensor, cm: torch.Tensor, tau: float, limit: int) -> torch.Tensor:
+    """Greedy choices among candidates cz (k, D) with squared distances cm (k,) to the centres so far.
+
+    Stops after ``limit`` choices, or when no candidate is still at least ``tau`` away (a point outside the
+    candidates might then be the farthest). Returns positions in cz; there is always at least one.
+    """
+    cs = (cz * cz).sum(1)
+    out = []
+    while len(out) < limit:
+        j = int(cm.argmax())
+        if out and float(cm[j]) < tau:
+            break
+        out.append(j)
+        torch.minimum(cm, torch.addmv(cs + cs[j], cz, cz[j], alpha=-2.0), out=cm)
+        cm[j] = -1.0
+    return torch.tensor(out, dtype=torch.long)
 
 
 def coverage_radius(bank: torch.Tensor, coreset: torch.Tensor, chunk: int = 65536) -> float:
