@@ -31,11 +31,24 @@ def clustered(n: int, dim: int, n_clusters: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n_points", [600, 6000])  # below / above the size where blocks prune the updates
-def test_coreset_equals_textbook_greedy(n_points):
-    x = clustered(n_points, 16, 12, seed=1)
+@pytest.mark.parametrize("shape", ["clustered", "noise"])  # blocks prune most updates / almost none (fine textures)
+def test_coreset_equals_textbook_greedy(n_points, shape):
+    gen = torch.Generator().manual_seed(1)
+    x = clustered(n_points, 16, 12, seed=1) if shape == "clustered" else torch.randn(n_points, 24, generator=gen)
     sel = greedy_coreset(x, 200, projection_dim=None, seed=5)
     assert torch.equal(sel, _kcenter_plain(x, 200, start=int(sel[0])))
     assert len(set(sel.tolist())) == 200
+
+
+def test_coreset_rounds_with_few_candidates_still_equal_textbook_greedy():
+    """Many short rounds (16 candidates each): every round must stop before a point outside could be farther."""
+    from clad.ops.coreset import _blocks, _kcenter_blocks
+
+    x = clustered(3000, 8, 6, seed=4)
+    order, block_of, offsets, sizes, means, radii = _blocks(x, 40, torch.Generator().manual_seed(0))
+    z = x[order].contiguous()
+    sel = _kcenter_blocks(z, 300, 0, block_of, offsets, sizes, means, radii, n_candidates=16)
+    assert torch.equal(sel, _kcenter_plain(z, 300, start=0))
 
 
 def test_coreset_is_deterministic_with_seed():

@@ -10,7 +10,9 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
   to the stride-8 grid and concatenated: 40 + 112 = 152 channels for efficientnet_lite0. That is small already,
   so by default no channel pooling is applied (``embed_dim=None``). ``embed_dim=D`` applies PatchCore's own
   reduction: adaptive average pooling over channels to D per layer, then over the concatenation to D.
-- coreset: ``ceil(coreset_ratio * N)`` of the N bank patches, selected in a 128-d Gaussian random projection.
+- coreset: ``ceil(coreset_ratio * N)`` of the N bank patches, selected in a 128-d Gaussian random projection by
+  the exact greedy k-center rule, with batched distance updates (``clad.ops.coreset.greedy_coreset``): full-shot
+  bottle (214k patches -> 21k) in about 16 s on 2 cores, full-shot magnetic tile (779k -> 78k) in about 8 min.
 - search: exact nearest neighbour with ``KCenterIndex`` (k-center clusters of the memory bank, pruned with the
   triangle inequality), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes
   it an approximate inverted-file search of each patch's n closest clusters (distances can only grow).
