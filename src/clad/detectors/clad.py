@@ -321,11 +321,12 @@ class CLAD(Detector):
         refs, _ = load_batch(images)
         pool, masks, kinds = self._make_pool(refs, cfg.n_train_images, rng)
         n_own = len(pool)
+        self.aux_types_ = []
         if cfg.aux:
-            aux_images, aux_masks, aux_types = load_aux(cfg.aux, cfg.category, cfg.aux_images, cfg.seed, cfg.image_size)
-            self.aux_types_ = aux_types
+            aux_images, aux_masks, self.aux_types_ = load_aux(cfg.aux, cfg.category, cfg.aux_images, cfg.seed,
+                                                              cfg.image_size)
             pool, masks = pool + aux_images, masks + aux_masks
-            kinds = kinds + [aux_kind(t, self.classes_) for t in aux_types]
+            kinds = kinds + [aux_kind(t, self.classes_) for t in self.aux_types_]
         bb = self.backbone_
         with torch.no_grad():
             x = torch.cat([bb.preprocess(pool[i : i + 16], cfg.image_size) for i in range(0, len(pool), 16)])
@@ -530,7 +531,7 @@ class CLAD(Detector):
         t.update({f"text.{k}": v for k, v in self.text_.named_parameters() if id(v) in trainable})
         t.update(text_embeddings=self.text_embeddings_, sigma=self.sigma_, sigma_image=self.sigma_image_,
                  memory_bank=self.memory_bank_, scale_lang=self.scale_lang_, scale_mem=self.scale_mem_)
-        return t, {"classes": self.classes_, "prompts": self.prompts_, "aux_types": getattr(self, "aux_types_", [])}
+        return t, {"classes": self.classes_, "prompts": self.prompts_, "aux_types": self.aux_types_}
 
     def _set_state(self, tensors, meta):
         self._build()
