@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clad.detectors.patchcore import PatchCore, smooth_maps
+from clad.detectors.patchcore import PatchCore
+from clad.ops.smoothing import smooth_maps
 from clad.ops.coreset import coverage_radius
 from clad.ops.features import load_batch
 from clad.registry import create_backbone

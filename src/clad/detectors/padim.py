@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from clad.detectors.base import Detector
 from clad.ops.coreset import single_thread
 from clad.ops.features import load_batch
-from clad.detectors.patchcore import smooth_maps
+from clad.ops.smoothing import smooth_maps
 from clad.registry import register_detector
 
 _POSITION_CHUNK = 256  # positions whose d x d matrices are processed at once

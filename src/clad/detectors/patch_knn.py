@@ -9,7 +9,7 @@ import torch
 from clad.detectors.base import Detector
 from clad.ops.features import load_batch, patch_embeddings
 from clad.ops.knn import knn
-from clad.ops.smoothing import gaussian_blur, maps_to_images
+from clad.ops.smoothing import smooth_maps
 from clad.registry import register_detector
 
 
@@ -54,10 +54,7 @@ class PatchKNN(Detector):
         d, _ = knn(emb.permute(0, 2, 3, 1).reshape(-1, c), self.memory_bank_, k=1)
         patch = d[:, 0].view(b, h, w)
         scores = patch.flatten(1).max(1).values
-        size = self.config.image_size
-        up = torch.nn.functional.interpolate(patch[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(up, self.config.sigma)
-        return scores.numpy(), maps_to_images(maps, shapes)
+        return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)
 
     def _get_state(self):
         return {"memory_bank": self.memory_bank_}, {}

@@ -20,7 +20,6 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from clad.ops.coreset import KCenterIndex, greedy_coreset, single_thread
 from clad.ops.features import aggregate, load_batch, patch_embeddings
 from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
-from clad.ops.smoothing import gaussian_kernel1d
+from clad.ops.smoothing import smooth_maps
 from clad.registry import register_detector
 
 
@@ -62,37 +61,6 @@ class PatchCoreConfig:
             raise ValueError(f"n_probe must be >= 0 (0: exact search), got {self.n_probe}")
         if self.reweight_neighbours < 2:
             raise ValueError(f"reweight_neighbours must be >= 2 (b = 1 makes every weight 0), got {self.reweight_neighbours}")
-
-
-@functools.lru_cache(maxsize=64)
-def _axis_operator(n_in: int, size: int, sigma: float, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix that does, along one axis: bilinear upsampling n_in -> size, Gaussian blur, bilinear
-    resize size -> n_out, exactly as ``F.interpolate`` and ``gaussian_blur`` do (reflect padding, 4-sigma radius)."""
-    x = torch.eye(n_in)[:, None, :]  # (n_in, 1, n_in): one impulse per input cell
-    x = F.interpolate(x, size=size, mode="linear", align_corners=False)
-    if sigma > 0:
-        k = gaussian_kernel1d(sigma)
-        r = k.numel() // 2
-        x = F.conv1d(F.pad(x, (r, r), mode="reflect" if size > r else "replicate"), k.view(1, 1, -1))
-    if n_out != size:
-        x = F.interpolate(x, size=n_out, mode="linear", align_corners=False)
-    return x[:, 0].T.contiguous()  # (n_out, n_in)
-
-
-def smooth_maps(patch: torch.Tensor, size: int, sigma: float, shapes) -> list[np.ndarray]:
-    """Patch scores (B, h, w) -> one map per image at its own (H, W): upsampled to size x size, Gaussian-blurred
-    with ``sigma``, resized to (H, W).
-
-    The same numbers as ``maps_to_images(gaussian_blur(interpolate(patch)), shapes)``, but the three linear,
-    separable steps are folded into two small matrices per axis, so a map costs two matrix products.
-    """
-    h, w = patch.shape[-2:]
-    out = []
-    with single_thread():
-        for p, (H, W) in zip(patch.float().cpu(), shapes):
-            a_h, a_w = _axis_operator(h, size, float(sigma), H), _axis_operator(w, size, float(sigma), W)
-            out.append((a_h @ p @ a_w.T).numpy())  # (H, W)
-    return out
 
 
 def coreset_size(n_patches: int, ratio: float) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from clad.detectors.base import Detector
 from clad.detectors.padim import on_grid
-from clad.detectors.patchcore import smooth_maps
+from clad.ops.smoothing import smooth_maps
 from clad.ops.features import load_batch
 from clad.ops.knn import knn
 from clad.registry import register_detector

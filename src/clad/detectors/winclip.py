@@ -24,7 +24,7 @@ from clad.errors import ConfigError
 from clad.ops.features import load_batch
 from clad.ops.knn import knn
 from clad.ops.prompts import object_name_for, prompt_ensemble
-from clad.ops.smoothing import gaussian_blur, maps_to_images, resize_map
+from clad.ops.smoothing import smooth_maps
 from clad.registry import create_backbone, register_detector
 
 EPS = 1e-12  # floor of scores before 1/x in harmonic means (softmax at T = 0.07 can underflow to 0)
@@ -157,8 +157,8 @@ class WinCLIP(Detector):
         bb = self._backbone()
         size = self.config.image_size or bb.default_size
         gh = gw = size // bb.patch_size
-        maps = gaussian_blur(resize_map(out["map"].view(-1, gh, gw), (size, size)), self.config.sigma)
-        return out["score"].cpu().numpy().astype(np.float32), maps_to_images(maps, shapes)
+        maps = smooth_maps(out["map"].view(-1, gh, gw), size, self.config.sigma, shapes)
+        return out["score"].cpu().numpy().astype(np.float32), maps
 
     def _get_state(self):
         tensors = {"text_prototypes": self.text_prototypes_}

@@ -22,13 +22,15 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MA
     out_i = torch.empty(n, k, dtype=torch.long, device=query.device)
     for qs in range(0, n, q_chunk):
         q = query[qs : qs + q_chunk]
-        q_sq = (q * q).sum(1, keepdim=True)  # (n, 1)
         best_d, best_i = None, None
         for bs in range(0, m, bank_chunk):
-            b = bank[bs : bs + bank_chunk]
-            d2 = (q_sq - 2.0 * q @ b.T + bank_sq[bs : bs + bank_chunk]).clamp_min_(0)  # (n, mb)
-            kk = min(k, d2.shape[1])
-            d, i = d2.topk(kk, dim=1, largest=False)
+            # |b|^2 - 2 q.b: the squared distance less |q|^2, which is the same along a row, so it is added
+            # only to the winners.
+            d2 = torch.addmm(bank_sq[bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, alpha=-2.0)  # (n, mb)
+            if k == 1:
+                d, i = d2.min(1, keepdim=True)
+            else:
+                d, i = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
             i = i + bs
             if best_d is None:
                 best_d, best_i = d, i
@@ -36,6 +38,7 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MA
                 cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
                 best_d, sel = cat_d.topk(k, dim=1, largest=False)
                 best_i = cat_i.gather(1, sel)
-        out_d[qs : qs + q_chunk] = best_d.sqrt()
+        q_sq = (q * q).sum(1, keepdim=True)  # (n, 1)
+        out_d[qs : qs + q_chunk] = best_d.add_(q_sq).clamp_min_(0).sqrt_()
         out_i[qs : qs + q_chunk] = best_i
     return out_d, out_i
