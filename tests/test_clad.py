@@ -196,3 +196,20 @@ def _only(root, category):
     if not link.exists():
         link.symlink_to(root / category, target_is_directory=True)
     return alone
+
+
+def test_memory_search_keeps_the_faster_exact_search(tiny_clip_dir, monkeypatch):
+    """Above brute_force_max, the first search times brute force and the index; every later one uses the
+    faster, and both give the same distances."""
+    monkeypatch.setattr(clad.detectors.clad.CLAD, "brute_force_max", 100)
+    refs = [texture((64, 64), s) for s in range(4)]  # 4 x 8x8 = 256 memory patches > 100
+    det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_weight=0.9)).fit(refs)
+    assert det.search_ in ("brute", "index")
+    flat = torch.randn(300, det.memory_bank_.shape[1])
+    want = torch.cdist(flat, det.memory_bank_).min(1).values
+    for choice in ("brute", "index"):
+        det.search_ = choice
+        torch.testing.assert_close(det._nearest_memory(flat), want, rtol=1e-4, atol=1e-4)
+    det.search_ = None  # as after loading: the next search decides again
+    torch.testing.assert_close(det._nearest_memory(flat), want, rtol=1e-4, atol=1e-4)
+    assert det.search_ in ("brute", "index")
