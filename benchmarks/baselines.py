@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from clad.detectors.patchcore import PatchCore
-from clad.ops.smoothing import smooth_maps
 from clad.ops.coreset import coverage_radius
 from clad.ops.features import load_batch
+from clad.ops.smoothing import smooth_maps
 from clad.registry import create_backbone
 
 REPO = Path(__file__).resolve().parents[1]

@@ -267,6 +267,12 @@ class CLAD(Detector):
                 return h1, self.backbone_.run_stage(last, h1)
         return h1, self.backbone_.run_stage(last, h1, blocks)
 
+    @torch.no_grad()
+    def _frozen_last(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+        """The frozen last-stage map (the memory's features) from the first-stage map ``h1`` already computed;
+        ``h2`` is the last-stage map of ``_stage_features``, the frozen one when nothing was fine-tuned."""
+        return h2 if self.tail_ is None else self.backbone_.run_stage(self.config.layers[1], h1)
+
     @staticmethod
     def _combine(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         """3x3 aggregation of both maps, the deeper one upsampled to the first grid: (B, C1 + C2, h, w)."""
@@ -415,12 +421,11 @@ class CLAD(Detector):
         x = bb.preprocess(refs, cfg.image_size)
         h1, h2 = self._stage_features(x, tuned=True)
         z = self._embed_patches(self._combine(h1, h2))
-        h2o = h2 if self.tail_ is None else self.backbone_.run_stage(cfg.layers[1], h1)
         d2 = ((z - zt[0][None, :, None, None]) ** 2).sum(1)
         self.sigma_ = torch.tensor(float(d2.mean().clamp_min(1e-6)))
         z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
         self.sigma_image_ = torch.tensor(float(((z_img - zt[0]) ** 2).sum(1).mean().clamp_min(1e-6)))
-        feat = self._combine(h1, h2o)
+        feat = self._combine(h1, self._frozen_last(h1, h2))
         bank = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
         if len(bank) > cfg.memory_max:  # many references: keep a k-center coreset (PatchCore's selection)
             bank = bank[greedy_coreset(bank, cfg.memory_max, seed=cfg.seed)]
@@ -458,20 +463,22 @@ class CLAD(Detector):
     def _nearest_memory(self, flat: torch.Tensor) -> torch.Tensor:
         """Distance of each row of ``flat`` (N, C) to its nearest memory patch (exact, by either search)."""
         bank = self.memory_bank_
-        if len(bank) <= self.brute_force_max:
+
+        def brute():
             return knn(flat, bank, k=1)[0][:, 0]
+
+        if len(bank) <= self.brute_force_max:
+            return brute()
         if getattr(self, "index_", None) is None:
             self.index_ = KCenterIndex(bank)
         if getattr(self, "search_", None) is None:  # time both once, keep the faster
             t0 = time.perf_counter()
-            brute = knn(flat, bank, k=1)[0][:, 0]
+            out = brute()
             t1 = time.perf_counter()
-            indexed = self.index_.nearest(flat)[0]
+            self.index_.nearest(flat)
             self.search_ = "index" if time.perf_counter() - t1 < t1 - t0 else "brute"
-            return indexed
-        if self.search_ == "brute":
-            return knn(flat, bank, k=1)[0][:, 0]
-        return self.index_.nearest(flat)[0]
+            return out
+        return brute() if self.search_ == "brute" else self.index_.nearest(flat)[0]
 
     # -- inference ----------------------------------------------------------------------------------------
     def _maps(self, x: torch.Tensor, need_memory: bool):
@@ -482,12 +489,7 @@ class CLAD(Detector):
         lang = 1 - torch.exp(-d2 / self.sigma_)
         mem = None
         if need_memory:
-            if self.tail_ is None:
-                h2o = h2
-            else:  # the frozen last stage, on the first stage's map already computed (the backbone runs once)
-                with torch.no_grad():
-                    h2o = self.backbone_.run_stage(self.config.layers[1], h1)
-            feat = self._combine(h1, h2o)
+            feat = self._combine(h1, self._frozen_last(h1, h2))
             b, c, hh, ww = feat.shape
             mem = self._nearest_memory(feat.permute(0, 2, 3, 1).reshape(-1, c)).view(b, hh, ww)
         return lang, mem, z

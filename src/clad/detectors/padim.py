@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from clad.detectors.base import Detector
 from clad.ops.coreset import single_thread
 from clad.ops.features import load_batch
-from clad.ops.smoothing import smooth_maps
+from clad.ops.smoothing import smooth_maps, smooth_working
 from clad.registry import register_detector
 
 _POSITION_CHUNK = 256  # positions whose d x d matrices are processed at once
@@ -164,8 +163,7 @@ class PaDiM(Detector):
         cfg = self.config
         patch = dist.view(len(arrays), *self.grid_)  # (B, h, w)
         # The image score is the maximum of the smoothed map at the working size, as in the paper's code.
-        working = smooth_maps(patch, cfg.image_size, cfg.sigma, [(cfg.image_size, cfg.image_size)] * len(patch))
-        scores = np.array([m.max() for m in working], np.float32)
+        scores = smooth_working(patch, cfg.image_size, cfg.sigma).flatten(1).max(1).values.numpy()
         return scores, smooth_maps(patch, cfg.image_size, cfg.sigma, shapes)
 
     def _get_state(self):

@@ -20,9 +20,9 @@ import torch
 
 from clad.detectors.base import Detector
 from clad.detectors.padim import on_grid
-from clad.ops.smoothing import smooth_maps
 from clad.ops.features import load_batch
 from clad.ops.knn import knn
+from clad.ops.smoothing import smooth_maps
 from clad.registry import register_detector
 
 _GALLERY_ROWS = 64 * 1024  # gallery rows gathered at once for one test image (64k x 176 floats = 45 MB)
