@@ -288,9 +288,10 @@ class KCenterIndex:
             step = max(1, _BLOCK // (hi - lo))
             for s in range(0, rows.numel(), step):
                 r = rows[s : s + step]
-                d2 = torch.addmm(self.bank_sq[lo:hi], q[r], self.bank[lo:hi].T, alpha=-2.0)  # (n_j, S_j)
+                # index_select gathers these rows several times faster than q[r]
+                d2 = torch.addmm(self.bank_sq[lo:hi], q.index_select(0, r), self.bank[lo:hi].T, alpha=-2.0)  # (n_j, S_j)
                 v, i = d2.min(1)
-                vals.append(v.add_(q_sq[r]))
+                vals.append(v.add_(q_sq.index_select(0, r)))
                 idxs.append(i.add_(lo))
                 qs.append(r)
         v, i, r = torch.cat(vals), torch.cat(idxs), torch.cat(qs)
