@@ -208,17 +208,25 @@ class KCenterIndex:
     The bank is split into ``n_clusters`` (default 2 sqrt(M)) clusters around greedy k-center centres. Each query
     first searches the cluster whose mean is closest, which bounds its nearest-neighbour distance from above;
     ``|q - mu_j| - rho_j`` bounds from below the distance to any row of cluster j, so every cluster whose bound is
-    larger is skipped. Results equal ``knn(query, bank, k=1)`` up to float rounding; building takes < 1 s for
-    M = 21k. The work left is a few per cent of the brute-force search on PatchCore memory banks.
+    larger is skipped. A few k-means iterations from the k-center start make the clusters more compact, so
+    fewer are searched. Results equal ``knn(query, bank, k=1)`` up to float rounding; building takes about 1 s
+    for M = 21k. The work left is a few per cent of the brute-force search on PatchCore memory banks.
     """
 
-    def __init__(self, bank: torch.Tensor, n_clusters: int | None = None):
+    def __init__(self, bank: torch.Tensor, n_clusters: int | None = None, refine: int = 8):
         bank = bank.float().contiguous()
         m = bank.shape[0]
         n_clusters = min(m, n_clusters or max(1, int(2 * math.sqrt(m))))
         with single_thread():
             centres = bank[_kcenter_plain(bank, n_clusters)]  # (C, D)
         _, a = knn(bank, centres, k=1)
+        # Lloyd (k-means) iterations from the k-center start: more compact clusters, so tighter bounds and fewer
+        # rows searched (bottle's full-shot memory: 1,650 -> 1,270 rows per query); results are unchanged.
+        for _ in range(refine):
+            sizes = torch.bincount(a[:, 0], minlength=len(centres))[:, None]
+            sums = torch.zeros_like(centres).index_add_(0, a[:, 0], bank)
+            centres = torch.where(sizes > 0, sums / sizes.clamp_min(1), centres)
+            _, a = knn(bank, centres, k=1)
         _, a = torch.unique(a[:, 0], return_inverse=True)
         order = torch.argsort(a, stable=True)
         self.order = order  # sorted row -> original bank row
