@@ -269,7 +269,10 @@ class KCenterIndex:
         # Distance to each cluster mean: |q - mu_j| - rho_j bounds the distance to every row of cluster j.
         dm = torch.addmm(self.means_sq, q, self.means.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0).sqrt_()
         # Pass 1: each query searches its closest cluster(s), which gives a tight upper bound.
-        probe = dm.topk(max(1, n_probe), dim=1, largest=False).indices  # (N, p)
+        if n_probe <= 1:
+            probe = dm.argmin(1, keepdim=True)  # (N, 1), cheaper than topk
+        else:
+            probe = dm.topk(n_probe, dim=1, largest=False).indices  # (N, p)
         best = torch.full((n,), float("inf"))
         best_i = torch.zeros(n, dtype=torch.long)
         rows = torch.arange(n)[:, None].expand_as(probe)
