@@ -46,7 +46,7 @@ class EfficientNetLite0(Backbone):
         # Channels-last weights, with the channels-last input that ``preprocess`` gives: identical features, which
         # come out channels-last, so PatchCore's 3x3 aggregation runs about 7x faster (1.2 -> 0.2 ms/image) and
         # flattening patches needs no copy. The forward itself was 5-11 % faster in two of three quiet timings
-        # and 12 % slower in the third (session 5, benchmarks/README.md).
+        # on a 2-core VM and 12 % slower in the third (benchmarks/README.md).
         self.to(memory_format=torch.channels_last)
         self.eval()
 
