@@ -83,7 +83,6 @@ def test_kcenter_index_is_exact():
     assert (i == i_ref[:, 0]).float().mean() > 0.999
 
 
-
 @pytest.mark.parametrize("n_clusters", [3, 40])
 def test_kcenter_index_is_exact_with_many_queries_per_cluster(monkeypatch, n_clusters):
     """Thousands of queries share each cluster, and small blocks split them into several distance blocks."""
@@ -94,6 +93,7 @@ def test_kcenter_index_is_exact_with_many_queries_per_cluster(monkeypatch, n_clu
     d_ref, _ = knn(query, bank, k=1)
     torch.testing.assert_close(d, d_ref[:, 0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close((query - bank[i]).norm(dim=1), d_ref[:, 0], atol=1e-3, rtol=1e-4)
+
 
 def test_kcenter_index_split_over_threads_gives_the_same_answer():
     bank = clustered(3000, 24, 10, seed=6)

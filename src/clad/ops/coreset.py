@@ -299,8 +299,8 @@ class KCenterIndex:
             step = max(1, _BLOCK // (hi - lo))
             for s in range(0, rows.numel(), step):
                 r = rows[s : s + step]
-                # index_select gathers these rows several times faster than q[r]
-                d2 = torch.addmm(self.bank_sq[lo:hi], q.index_select(0, r), self.bank[lo:hi].T, alpha=-2.0)  # (n_j, S_j)
+                qr = q.index_select(0, r)  # several times faster than q[r]
+                d2 = torch.addmm(self.bank_sq[lo:hi], qr, self.bank[lo:hi].T, alpha=-2.0)  # (n_j, S_j)
                 v, i = d2.min(1)
                 vals.append(v.add_(q_sq.index_select(0, r)))
                 idxs.append(i.add_(lo))
