@@ -9,6 +9,12 @@ of the coreset over the full memory bank, against a random subset of the same si
 predict ms/image against the backbone's own forward on the same preprocessed batches, and the breakdown of the rest
 (preprocessing, feature aggregation, nearest-neighbour search, upsample + blur, resize to the input size).
 Each timing is the best of ``--repeats`` runs, since the machine may be shared.
+
+The headline overhead comes from inside each predict call: the backbone's forward is timed where it runs, and the
+whole call against it, over ``--rounds`` calls (median and range). As a cross-check, each batch's predict call
+and a bare forward on the same batch also run back to back, in alternating order, over ``--rounds`` rounds. On
+a VM whose speed drifts by 20 % within minutes, best-of timings of the two taken minutes apart are not
+comparable; these are.
 """
 from __future__ import annotations
 
@@ -119,7 +125,79 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
     return best
 
 
-def report_speed(det: PatchCore, test, batch_size: int, repeats: int) -> None:
+def paired_ratio(pairs, rounds: int) -> np.ndarray:
+    """Per round, (sum of a's times) / (sum of b's times) over ``pairs`` [(fn_a, fn_b)]: (rounds, 2) as (wall, CPU).
+
+    The two of each pair run back to back, in alternating order, so a change in the machine's speed (a VM's
+    neighbours) hits both alike. The spread across rounds shows what is left of the noise.
+    """
+    ratios = []
+    for r in range(rounds):
+        totals = [np.zeros(2), np.zeros(2)]
+        for fns in pairs:
+            for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                totals[k] += best_of(1, fns[k])
+        ratios.append(totals[0] / totals[1])
+    return np.array(ratios)
+
+
+def inner_overhead(det: PatchCore, images, batch_size: int, rounds: int) -> np.ndarray:
+    """Per round, (whole predict call) / (the backbone forward inside it): (rounds, 2) as (wall, CPU).
+
+    The backbone's ``forward`` is wrapped with a timer for the duration, so both times come from the same call:
+    the forward runs where it runs in real use (after the previous batch's search), and a change in the
+    machine's speed within a few seconds hits both alike.
+    """
+    bb = det.backbone_
+    inner = np.zeros(2)
+
+    def timed(*args, **kwargs):
+        nonlocal inner
+        t, c = time.perf_counter(), time.process_time()
+        out = forward(*args, **kwargs)
+        inner += (time.perf_counter() - t, time.process_time() - c)
+        return out
+
+    forward, bb.forward = bb.forward, timed
+    try:
+        ratios = []
+        for _ in range(rounds):
+            inner[:] = 0.0
+            total = np.array(best_of(1, lambda: det.predict(images, batch_size=batch_size)))
+            ratios.append(total / inner)
+    finally:
+        del bb.forward  # back to the class's method
+    return np.array(ratios)
+
+
+def paired_overhead(det: PatchCore, images, batch_size: int, rounds: int) -> np.ndarray:
+    """``paired_ratio`` of each batch's whole predict call against a bare backbone forward on that batch."""
+    bb, cfg = det.backbone_, det.config
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    with torch.inference_mode():
+        xs = [bb.preprocess(load_batch(b)[0], cfg.image_size) for b in batches]
+
+    @torch.inference_mode()
+    def forward(x):
+        return bb(x, cfg.layers)
+
+    pairs = [(lambda b=b: det.predict(b, batch_size=batch_size), lambda x=x: forward(x)) for b, x in zip(batches, xs)]
+    return paired_ratio(pairs, rounds)
+
+
+def describe(ratios: np.ndarray) -> str:
+    """'median (range)' of (rounds, 2) ratios, for wall and CPU time."""
+    lo, med, hi = np.percentile(ratios, [0, 50, 100], axis=0)
+    return (f"median {med[0]:.3f} wall (range {lo[0]:.3f} .. {hi[0]:.3f}), "
+            f"median {med[1]:.3f} CPU (range {lo[1]:.3f} .. {hi[1]:.3f})")
+
+
+def report_speed(det: PatchCore, test, batch_size: int, repeats: int, rounds: int) -> None:
+    if rounds:
+        ratios = inner_overhead(det, test, batch_size, rounds)
+        print(f"predict / the backbone forward inside it, {rounds} calls: {describe(ratios)}")
+        ratios = paired_overhead(det, test, batch_size, rounds)
+        print(f"predict / a bare forward on the same batch, back to back, {rounds} rounds: {describe(ratios)}")
     parts = breakdown(det, test, batch_size, repeats)
     n = len(test)
     total = parts.pop("predict (whole call)")
@@ -175,7 +253,7 @@ def run(args, normalization: str, train, test, labels, masks) -> None:
         search = "exact search" if n_probe == 0 else f"approximate search, n_probe={n_probe}"
         print(f"-- {search}: image AUROC {img:.4f}  pixel AUROC {pix:.4f}  "
               f"({len(test)} test images, {int(labels.sum())} anomalous)")
-        report_speed(det, test, args.batch_size, args.repeats)
+        report_speed(det, test, args.batch_size, args.repeats, args.rounds)
 
 
 def main(argv=None) -> None:
@@ -189,6 +267,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reweight", action="store_true", help="re-weight image scores (Eq. 7 of PatchCore)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="predict calls timed against the forward inside them (0: skip)")
     ap.add_argument("--n-probe", type=int, nargs="+", default=[0, 1],
                     help="nearest-neighbour search: 0 exact, n > 0 approximate over the n closest clusters")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -74,6 +74,17 @@ def test_coreset_with_duplicate_points_never_repeats_an_index():
     assert len(set(sel.tolist())) == 50
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_over_many_blocks_matches_one_dense_distance_matrix(k):
+    """Small blocks split both the queries and the bank: the merge across bank blocks must keep the true k nearest."""
+    gen = torch.Generator().manual_seed(11)
+    bank, query = torch.randn(2500, 8, generator=gen), torch.randn(700, 8, generator=gen)
+    d, i = knn(query, bank, k=k, max_block=64 * 1024)  # bank blocks of 64 rows, query blocks of 1024
+    ref_d, ref_i = torch.cdist(query.double(), bank.double()).topk(k, dim=1, largest=False)
+    torch.testing.assert_close(d.double(), ref_d, atol=1e-4, rtol=1e-5)
+    assert (i == ref_i).float().mean() > 0.999
+
+
 def test_kcenter_index_is_exact():
     bank = clustered(3000, 24, 10, seed=4)
     query = torch.cat([clustered(500, 24, 10, seed=5), torch.randn(100, 24) * 20])

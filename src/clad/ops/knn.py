@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import torch
 
-# Largest distance block computed at once (query rows x bank rows), in float32 elements: 64 M = 256 MB.
-MAX_BLOCK = 64 * 1024 * 1024
+# Largest distance block computed at once (query rows x bank rows), in float32 elements: 1 M = 4 MB, so a block
+# is still in cache when its minimum is taken. Against 64 M (256 MB) blocks, 16,384 queries (16 images) against
+# 1,024 / 4,096 / 16,384 bank rows took 5.6 / 20.5 / 69 instead of 7.2 / 25.0 / 97 ms per image (2 threads,
+# medians of 5-10 interleaved rounds); 0.25-2 M blocks were no better.
+MAX_BLOCK = 1024 * 1024
 
 
 def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +37,9 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MA
             i = i + bs
             if best_d is None:
                 best_d, best_i = d, i
+            elif k == 1:
+                better = d < best_d  # on a tie the earlier row stays
+                best_d, best_i = torch.where(better, d, best_d), torch.where(better, i, best_i)
             else:
                 cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
                 best_d, sel = cat_d.topk(k, dim=1, largest=False)
