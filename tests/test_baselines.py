@@ -106,6 +106,25 @@ def test_kcenter_index_is_exact_with_many_queries_per_cluster(monkeypatch, n_clu
     torch.testing.assert_close((query - bank[i]).norm(dim=1), d_ref[:, 0], atol=1e-3, rtol=1e-4)
 
 
+def test_kcenter_index_decides_once_between_pruning_and_brute_force(monkeypatch):
+    monkeypatch.setattr(KCenterIndex, "decide_min", 500)
+    bank = clustered(3000, 24, 10, seed=12)
+    query = clustered(900, 24, 10, seed=13)
+    index = KCenterIndex(bank)
+    index.nearest(query[:499])
+    assert index.search is None  # too few queries to time
+    index.nearest(query[:10], n_probe=1)
+    assert index.search is None  # approximate searches never decide
+    d, i = index.nearest(query)
+    assert index.search in ("brute", "pruned")
+    d_ref, _ = knn(query, bank, k=1)
+    for choice in ("brute", "pruned"):
+        index.search = choice
+        d, i = index.nearest(query)
+        torch.testing.assert_close(d, d_ref[:, 0], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close((query - bank[i]).norm(dim=1), d_ref[:, 0], atol=1e-3, rtol=1e-4)
+
+
 def test_kcenter_index_split_over_threads_gives_the_same_answer():
     bank = clustered(3000, 24, 10, seed=6)
     query = clustered(4100, 24, 10, seed=7)  # above the 2048 queries from which the search is split

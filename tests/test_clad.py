@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import clad
+from clad.ops.coreset import KCenterIndex
 from clad.ops.gradcam import grad_cam
 from clad.ops.losses import contrastive_loss, supervised_loss
 from clad.synthesis import KINDS, make_anomaly
@@ -199,17 +200,21 @@ def _only(root, category):
 
 
 def test_memory_search_keeps_the_faster_exact_search(tiny_clip_dir, monkeypatch):
-    """Above brute_force_max, the first search times brute force and the index; every later one uses the
-    faster, and both give the same distances."""
+    """Above brute_force_max, the index's first large search of test images (not the calibration at fit, on views
+    of the references) times brute force against pruning; every later one uses the faster, and both give the
+    same distances."""
     monkeypatch.setattr(clad.detectors.clad.CLAD, "brute_force_max", 100)
+    monkeypatch.setattr(KCenterIndex, "decide_min", 64)
     refs = [texture((64, 64), s) for s in range(4)]  # 4 x 8x8 = 256 memory patches > 100
     det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_weight=0.9)).fit(refs)
-    assert det.search_ in ("brute", "index")
+    assert det.index_ is None  # calibration searched by brute force
+    det.predict([texture((64, 64), 9)])  # 64 patches: decides
+    assert det.index_.search in ("brute", "pruned")
     flat = torch.randn(300, det.memory_bank_.shape[1])
     want = torch.cdist(flat, det.memory_bank_).min(1).values
-    for choice in ("brute", "index"):
-        det.search_ = choice
+    for choice in ("brute", "pruned"):
+        det.index_.search = choice
         torch.testing.assert_close(det._nearest_memory(flat), want, rtol=1e-4, atol=1e-4)
-    det.search_ = None  # as after loading: the next search decides again
+    det.index_.search = None  # as after loading: the next search decides again
     torch.testing.assert_close(det._nearest_memory(flat), want, rtol=1e-4, atol=1e-4)
-    assert det.search_ in ("brute", "index")
+    assert det.index_.search in ("brute", "pruned")

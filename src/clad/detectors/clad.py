@@ -22,7 +22,7 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
 from __future__ import annotations
 
 import copy
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,11 +221,13 @@ class CLAD(Detector):
     Config = CLADConfig
     family = "clad"
     inference_params = ("memory", "memory_weight", "image_score", "localization", "map_sigma")
-    # Memories up to this size are searched by brute force. Larger ones by whichever of brute force and the exact
-    # KCenterIndex was faster on the first search (the calibration views at fit, the first batch after loading):
-    # both give the same distances, but the index prunes well on object patches (bottle, 4 references: 4.5x
-    # faster) and badly on fine texture (magnetic tile: 2x slower).
+    # Memories up to this size are searched by brute force. Larger ones by the exact KCenterIndex, which on its
+    # first search of test images times its pruning against brute force and keeps the faster: both give the same
+    # distances, but pruning works well on object patches (bottle, 4 references: 4.5x faster) and badly on fine
+    # texture (magnetic tile, 4 references: 2x slower). The calibration at fit searches by brute force: views of
+    # the references lie on the memory itself, where pruning is unrepresentatively fast.
     brute_force_max = 512
+    _brute_only = False  # set by ``_brute_search``
 
     # -- encoders -----------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -430,10 +432,11 @@ class CLAD(Detector):
         if len(bank) > cfg.memory_max:  # many references: keep a k-center coreset (PatchCore's selection)
             bank = bank[greedy_coreset(bank, cfg.memory_max, seed=cfg.seed)]
         self.memory_bank_ = bank.contiguous()
-        self.index_ = self.search_ = None
+        self.index_ = None
         # Held-out normal views set the scale of each map for the fusion (no test data involved).
         views = [_augment(refs[i % len(refs)], rng, cfg.image_size) for i in range(max(8, min(len(refs), 32)))]
-        lang, mem, _ = self._maps(bb.preprocess(views, cfg.image_size), need_memory=True)
+        with self._brute_search():
+            lang, mem, _ = self._maps(bb.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_ = torch.quantile(lang.flatten(), 0.99).clamp_min(1e-6)
         self.scale_mem_ = torch.quantile(mem.flatten(), 0.99).clamp_min(1e-6)
         # Label-free decision threshold: the F1-best cut between those normal views and synthetic anomalies
@@ -448,7 +451,8 @@ class CLAD(Detector):
         from clad.metrics import f1_max
 
         views, bad = self.calibration_images_
-        scores = self._predict_batch(views + bad)[0]
+        with self._brute_search():
+            scores = self._predict_batch(views + bad)[0]
         cut = float(f1_max(np.r_[np.zeros(len(views)), np.ones(len(bad))], scores)[1])
         # f1_max gives the highest of the F1-best cuts, right at the lowest synthetic anomaly kept: move it to the
         # middle of the gap below it (same decisions on these images), so real defects milder than the synthetic
@@ -460,25 +464,23 @@ class CLAD(Detector):
         if getattr(self, "calibration_images_", None) is not None:  # a loaded detector keeps its threshold
             self._calibrate_threshold()
 
+    @contextmanager
+    def _brute_search(self):
+        """Within: the memory is searched by brute force, and the index neither built nor asked to decide."""
+        before, self._brute_only = self._brute_only, True
+        try:
+            yield
+        finally:
+            self._brute_only = before
+
     def _nearest_memory(self, flat: torch.Tensor) -> torch.Tensor:
         """Distance of each row of ``flat`` (N, C) to its nearest memory patch (exact, by either search)."""
         bank = self.memory_bank_
-
-        def brute():
+        if len(bank) <= self.brute_force_max or self._brute_only:
             return knn(flat, bank, k=1)[0][:, 0]
-
-        if len(bank) <= self.brute_force_max:
-            return brute()
         if getattr(self, "index_", None) is None:
             self.index_ = KCenterIndex(bank)
-        if getattr(self, "search_", None) is None:  # time both once, keep the faster
-            t0 = time.perf_counter()
-            out = brute()
-            t1 = time.perf_counter()
-            self.index_.nearest(flat)
-            self.search_ = "index" if time.perf_counter() - t1 < t1 - t0 else "brute"
-            return out
-        return brute() if self.search_ == "brute" else self.index_.nearest(flat)[0]
+        return self.index_.nearest(flat)[0]
 
     # -- inference ----------------------------------------------------------------------------------------
     def _maps(self, x: torch.Tensor, need_memory: bool):
@@ -571,7 +573,7 @@ class CLAD(Detector):
             self.tail_.eval()
         for name in ("text_embeddings", "sigma", "sigma_image", "memory_bank", "scale_lang", "scale_mem"):
             setattr(self, f"{name}_", tensors[name])
-        self.index_ = self.search_ = None
+        self.index_ = None
         self.classes_ = list(meta["classes"])
         self.prompts_ = [tuple(p) for p in meta["prompts"]]
         self.aux_types_ = list(meta.get("aux_types", []))

@@ -14,9 +14,9 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
   the exact greedy k-center rule, with batched distance updates (``clad.ops.coreset.greedy_coreset``): full-shot
   bottle (214k patches -> 21k) in about 16 s on 2 cores, full-shot magnetic tile (779k -> 78k) in about 8 min.
 - search: exact nearest neighbour with ``KCenterIndex`` (clusters of the memory bank from k-center centres refined
-  by k-means, pruned with the triangle inequality), built from the memory bank when first needed, so it is never
-  saved. ``n_probe=n`` makes it an approximate inverted-file search of each patch's n closest clusters
-  (distances can only grow).
+  by k-means, pruned with the triangle inequality, or brute force where its first search finds that faster, as
+  on fine texture), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes it
+  an approximate inverted-file search of each patch's n closest clusters (distances can only grow).
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
 """
 from __future__ import annotations

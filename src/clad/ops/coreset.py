@@ -10,6 +10,7 @@ the queries instead, one single-threaded search per thread.
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -203,7 +204,7 @@ def coverage_radius(bank: torch.Tensor, coreset: torch.Tensor, chunk: int = 6553
 
 
 class KCenterIndex:
-    """Exact nearest-neighbour search in a fixed bank (M, D), pruned with k-center clusters.
+    """Exact nearest-neighbour search in a fixed bank (M, D), pruned with k-center clusters (or brute force).
 
     The bank is split into ``n_clusters`` (default 2 sqrt(M)) clusters around greedy k-center centres. Each query
     first searches the cluster whose mean is closest, which bounds its nearest-neighbour distance from above;
@@ -213,7 +214,11 @@ class KCenterIndex:
     for M = 21k. The work left is a few per cent of the brute-force search on PatchCore memory banks.
     """
 
+    #: exact searches of at least this many queries decide between pruning and brute force (once)
+    decide_min = 1024
+
     def __init__(self, bank: torch.Tensor, n_clusters: int | None = None, refine: int = 8):
+        self.search: str | None = None  # "pruned" or "brute" once decided (see ``nearest``)
         bank = bank.float().contiguous()
         m = bank.shape[0]
         n_clusters = min(m, n_clusters or max(1, int(2 * math.sqrt(m))))
@@ -244,9 +249,33 @@ class KCenterIndex:
     def nearest(self, query: torch.Tensor, n_probe: int = 0, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """query (N, D) -> (distance (N,), bank row index (N,)) of each query's nearest bank row.
 
-        The queries are split over ``workers`` threads (default: torch's thread count), each running the
-        single-threaded search below on its share; results do not depend on the split.
+        Exact search (``n_probe=0``) is pruned, or brute force (``knn``) where that is faster: on fine texture
+        the clusters overlap so much that pruning costs more than it saves. The first exact search of at least
+        ``decide_min`` queries times both on its first ``4 * decide_min`` queries and sets ``search`` to the
+        faster; both give the same distances. The pruned search splits the queries over ``workers`` threads
+        (default: torch's thread count); results do not depend on the split.
         """
+        if n_probe == 0:
+            if self.search is None and len(query) >= self.decide_min:
+                self.search = self._faster(query[: 4 * self.decide_min], workers)
+            if self.search == "brute":
+                d, i = knn(query.float(), self.bank, k=1)
+                return d[:, 0], self.order[i[:, 0]]
+        return self._pruned(query, n_probe, workers)
+
+    def _faster(self, sample: torch.Tensor, workers: int | None) -> str:
+        """"brute" or "pruned": the faster exact search of ``sample``, each timed twice in turn, best kept."""
+        runs = {"brute": lambda: knn(sample, self.bank, k=1), "pruned": lambda: self._pruned(sample, 0, workers)}
+        best = dict.fromkeys(runs, math.inf)
+        for _ in range(2):
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t)
+        return min(best, key=best.get)
+
+    def _pruned(self, query: torch.Tensor, n_probe: int, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pruned search of ``nearest``, its queries split over ``workers`` threads."""
         workers = max(1, int(workers or torch.get_num_threads()))
         if workers == 1 or len(query) < 2048:
             with single_thread():
