@@ -214,8 +214,9 @@ class KCenterIndex:
     for M = 21k. The work left is a few per cent of the brute-force search on PatchCore memory banks.
     """
 
-    #: exact searches of at least this many queries decide between pruning and brute force (once)
-    decide_min = 1024
+    #: the first exact search of at least this many queries (8 images at 256 px) decides between pruning and
+    #: brute force
+    decide_min = 8192
 
     def __init__(self, bank: torch.Tensor, n_clusters: int | None = None, refine: int = 8):
         self.search: str | None = None  # "pruned" or "brute" once decided (see ``nearest``)
@@ -251,28 +252,27 @@ class KCenterIndex:
 
         Exact search (``n_probe=0``) is pruned, or brute force (``knn``) where that is faster: on fine texture
         the clusters overlap so much that pruning costs more than it saves. The first exact search of at least
-        ``decide_min`` queries times both on its first ``4 * decide_min`` queries and sets ``search`` to the
-        faster; both give the same distances. The pruned search splits the queries over ``workers`` threads
-        (default: torch's thread count); results do not depend on the split.
+        ``decide_min`` queries runs both, times them and sets ``search`` to the faster; both give the same
+        distances. (A smaller sample would favour brute force: the pruned search has a fixed cost per call.)
+        The pruned search splits the queries over ``workers`` threads (default: torch's thread count); results
+        do not depend on the split.
         """
         if n_probe == 0:
             if self.search is None and len(query) >= self.decide_min:
-                self.search = self._faster(query[: 4 * self.decide_min], workers)
+                return self._decide(query, workers)
             if self.search == "brute":
                 d, i = knn(query.float(), self.bank, k=1)
                 return d[:, 0], self.order[i[:, 0]]
         return self._pruned(query, n_probe, workers)
 
-    def _faster(self, sample: torch.Tensor, workers: int | None) -> str:
-        """"brute" or "pruned": the faster exact search of ``sample``, each timed twice in turn, best kept."""
-        runs = {"brute": lambda: knn(sample, self.bank, k=1), "pruned": lambda: self._pruned(sample, 0, workers)}
-        best = dict.fromkeys(runs, math.inf)
-        for _ in range(2):
-            for name, run in runs.items():
-                t = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t)
-        return min(best, key=best.get)
+    def _decide(self, query: torch.Tensor, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact search of ``query`` by both methods; the faster becomes ``search``. Returns the result."""
+        t0 = time.perf_counter()
+        out = self._pruned(query, 0, workers)
+        t1 = time.perf_counter()
+        knn(query.float(), self.bank, k=1)
+        self.search = "pruned" if t1 - t0 <= time.perf_counter() - t1 else "brute"
+        return out
 
     def _pruned(self, query: torch.Tensor, n_probe: int, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The pruned search of ``nearest``, its queries split over ``workers`` threads."""
