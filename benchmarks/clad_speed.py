@@ -41,7 +41,7 @@ def measure(train, test, category: str, repeats: int, batch_size: int, rounds: i
     plus = CLADPlus(category=category, epochs=1).fit(train)
     n = len(test)
     batches = [test[i : i + batch_size] for i in range(0, n, batch_size)]
-    plus.predict(batches[0])  # warm-up: CLAD+ times its two searches on first use
+    plus.predict(batches[0])  # warm-up: each index times pruning against brute force on its first batch
     patchcore.predict(batches[0])
     pairs = [(lambda b=b: plus.predict(b, batch_size=batch_size), lambda b=b: patchcore.predict(b, batch_size=batch_size))
              for b in batches]
