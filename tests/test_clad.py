@@ -122,25 +122,52 @@ def test_clad_plus_adopting_a_clad_fit_equals_fitting_it(tiny_clip_dir):
     """clad and clad_plus differ only in inference parameters: one fit serves both (the bench shares it)."""
     refs = [texture((64, 64), s) for s in range(2)]
     images = [texture((64, 64), 7), plant_square(texture((64, 64), 8), 20, 30, 12)[0]]
+    tuned = dict(finetune_stages=1, finetune_text_layers=1)  # clad's defaults; clad_plus's own are frozen
     base = clad.create_detector("clad", **_tiny(tiny_clip_dir)).fit(refs)
-    plus = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir))
+    assert clad.create_detector("clad_plus", **_tiny(tiny_clip_dir)).fit_signature() != base.fit_signature()
+    plus = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, **tuned))
     assert plus.fit_signature() == base.fit_signature()
     adopted = plus.adopt(base).predict(images)
-    direct = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir)).fit(refs)
+    direct = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, **tuned)).fit(refs)
     np.testing.assert_allclose(adopted.scores, direct.predict(images).scores, rtol=1e-5, atol=1e-6)
     assert plus.threshold_ == pytest.approx(direct.threshold_)  # recalibrated for the fused score, not copied
     assert plus.threshold_ != pytest.approx(base.threshold_)
-    other = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, loss="supervised"))
+    other = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, loss="supervised", **tuned))
     with pytest.raises(ValueError, match="other settings"):
         other.adopt(base)
 
 
+def test_memory_size_rule():
+    from clad.detectors.clad import memory_size
+
+    assert memory_size(1024, 0.25, 1024, 16384) == 1024  # one reference at 256 px: all of it
+    assert memory_size(500, 0.25, 1024, 16384) == 500
+    assert memory_size(4096, 0.25, 1024, 16384) == 1024  # four references: a quarter
+    assert memory_size(8192, 0.25, 1024, 16384) == 2048
+    assert memory_size(779_264, 0.25, 1024, 16384) == 16384  # full-shot magnetic tile: capped
+    assert memory_size(4096, 1.0, 1024, 16384) == 4096
+    with pytest.raises(ValueError, match="memory_ratio"):
+        clad.create_detector("clad_plus", memory_ratio=0.0)
+    with pytest.raises(ValueError, match="memory_min"):
+        clad.create_detector("clad_plus", memory_min=20000)
+
+
+def test_clad_plus_is_frozen_and_clad_fine_tunes(tiny_clip_dir):
+    plus = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir))
+    assert plus.config.finetune_stages == 0 and plus.config.finetune_text_layers == 0
+    paper = clad.create_detector("clad", **_tiny(tiny_clip_dir))
+    assert paper.config.finetune_stages == 1 and paper.config.finetune_text_layers == 1
+
+
 def test_many_references_keep_a_bounded_memory(tiny_clip_dir, monkeypatch):
-    """Beyond memory_max patches the memory is a k-center coreset, searched by the pruned exact index."""
-    monkeypatch.setattr(clad.detectors.clad.CLAD, "brute_force_max", 100)
-    refs = [texture((64, 64), s) for s in range(6)]  # 6 images x 8x8 patches = 384 > 200
-    det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_max=200, memory_weight=0.9)).fit(refs)
-    assert det.memory_bank_.shape[0] == 200
+    """Beyond memory_min patches the memory is a k-center coreset, searched by the pruned exact index."""
+    monkeypatch.setattr(clad.detectors.clad.CLAD, "brute_force_max", 50)
+    refs = [texture((64, 64), s) for s in range(6)]  # 6 images x 8x8 patches = 384
+    params = _tiny(tiny_clip_dir, memory_ratio=0.25, memory_min=64, memory_max=200, memory_weight=0.9)
+    det = clad.create_detector("clad_plus", **params).fit(refs)
+    assert det.memory_bank_.shape[0] == 96  # a quarter of 384, between 64 and 200
+    capped = clad.create_detector("clad_plus", **dict(params, memory_ratio=1.0)).fit(refs)
+    assert capped.memory_bank_.shape[0] == 200
     flat = torch.randn(50, det.memory_bank_.shape[1])
     brute = torch.cdist(flat, det.memory_bank_).min(1).values
     torch.testing.assert_close(det._nearest_memory(flat), brute, rtol=1e-4, atol=1e-4)

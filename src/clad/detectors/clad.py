@@ -22,6 +22,7 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -175,7 +176,12 @@ class CLADConfig:
     aux_images: int = field(default=32, metadata={"omit_from_key_when": {"aux": None}})
     memory: bool = False  # CLAD+: fuse with a few-shot patch memory
     memory_weight: float = 0.5
-    memory_max: int = 16384  # larger patch memories (many references) are cut to this by a k-center coreset
+    # The patch memory keeps ceil(memory_ratio * N) of the references' N patches, at least memory_min (all of
+    # them when fewer) and at most memory_max, by PatchCore's greedy k-center coreset. Neither changes anything
+    # without the memory (``clad``), so there they stay out of the bench's cache keys.
+    memory_ratio: float = field(default=0.25, metadata={"omit_from_key_when": {"memory": False}})
+    memory_min: int = field(default=1024, metadata={"omit_from_key_when": {"memory": False}})
+    memory_max: int = 16384
     image_score: str = "pooled"  # "pooled": Eq. 4 on the image embedding; "max": largest value of the map
     localization: str = "dense"  # or "gradcam" (Eq. 5)
     map_sigma: float = 4.0
@@ -189,6 +195,10 @@ class CLADConfig:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if len(self.layers) != 2:
             raise ValueError(f"layers must name two stages (frozen, fine-tuned), got {self.layers}")
+        if not 0.0 < self.memory_ratio <= 1.0:
+            raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        if not 1 <= self.memory_min <= self.memory_max:
+            raise ValueError(f"need 1 <= memory_min <= memory_max, got {self.memory_min} and {self.memory_max}")
 
 
 class _Heads(nn.Module):
@@ -429,8 +439,9 @@ class CLAD(Detector):
         self.sigma_image_ = torch.tensor(float(((z_img - zt[0]) ** 2).sum(1).mean().clamp_min(1e-6)))
         feat = self._combine(h1, self._frozen_last(h1, h2))
         bank = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
-        if len(bank) > cfg.memory_max:  # many references: keep a k-center coreset (PatchCore's selection)
-            bank = bank[greedy_coreset(bank, cfg.memory_max, seed=cfg.seed)]
+        keep = memory_size(len(bank), cfg.memory_ratio, cfg.memory_min, cfg.memory_max)
+        if keep < len(bank):  # several references: keep a k-center coreset (PatchCore's selection)
+            bank = bank[greedy_coreset(bank, keep, seed=cfg.seed)]
         self.memory_bank_ = bank.contiguous()
         self.index_ = None
         # Held-out normal views set the scale of each map for the fusion (no test data involved).
@@ -579,10 +590,22 @@ class CLAD(Detector):
         self.aux_types_ = list(meta.get("aux_types", []))
 
 
+def memory_size(n: int, ratio: float, lo: int, hi: int) -> int:
+    """How many of ``n`` reference patches the memory keeps: ceil(ratio * n), at least ``lo`` (all when fewer),
+    at most ``hi``."""
+    return min(n, hi, max(lo, math.ceil(ratio * n - 1e-9)))
+
+
 @dataclass
 class CLADPlusConfig(CLADConfig):
     memory: bool = True
     image_score: str = "max"
+    # CLAD+ keeps the visual and text encoders frozen and trains the heads only: in the 1-shot ablation (seeds
+    # 0-4) that was as accurate as fine-tuning (bottle 100.0 / 98.5 against 99.9 / 98.6 image / pixel AUROC,
+    # magnetic tile 57.3 / 66.1 against 56.4 / 66.1), fits in half the time and predicts without a second pass
+    # of the last stage. ``clad``, the paper's method, fine-tunes.
+    finetune_stages: int = 0
+    finetune_text_layers: int = 0
 
 
 @register_detector("clad_plus")
