@@ -193,7 +193,9 @@ def test_clad_and_clad_plus_of_one_seed_share_one_fit(synth, tmp_path, tiny_clip
     original = CLAD._fit
     monkeypatch.setattr(CLAD, "_fit", lambda self, images: (fits.append(self.name), original(self, images))[1])
     tiny = f"backbone=tiny_cnn;image_size=64;text_encoder=clip:{tiny_clip_dir};epochs=1;n_train_images=8"
-    dets = f"clad[{tiny}]@c,clad_plus[{tiny}]@p,clad[{tiny};loss=supervised]@sup"
+    # clad_plus keeps its encoders frozen by default; fine-tuned like clad, it can share clad's fit
+    tuned = "finetune_stages=1;finetune_text_layers=1"
+    dets = f"clad[{tiny}]@c,clad_plus[{tiny};{tuned}]@p,clad[{tiny};loss=supervised]@sup"
     summary = bench.run_bench(tmp_path / "b", f"mvtec:{synth}", "tile", dets, "1", 2, progress=False, plots=False)
     assert summary["failed"] == 0 and summary["ran"] == 6
     assert fits == ["clad", "clad", "clad", "clad"]  # per seed: clad (shared with clad_plus) and the ablation
