@@ -22,7 +22,6 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clad.detectors.base import Detector
+from clad.detectors.patchcore import coreset_size
 from clad.ops.coreset import KCenterIndex, greedy_coreset
 from clad.ops.features import aggregate, load_batch
 from clad.ops.gradcam import grad_cam
@@ -593,7 +593,7 @@ class CLAD(Detector):
 def memory_size(n: int, ratio: float, lo: int, hi: int) -> int:
     """How many of ``n`` reference patches the memory keeps: ceil(ratio * n), at least ``lo`` (all when fewer),
     at most ``hi``."""
-    return min(n, hi, max(lo, math.ceil(ratio * n - 1e-9)))
+    return min(hi, max(min(n, lo), coreset_size(n, ratio)))
 
 
 @dataclass
