@@ -1,6 +1,7 @@
 """EfficientNet-Lite0's inference path: batch norms folded into the convolutions must not change the features."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,52 @@ def test_run_stage_fuses_copies_in_eval_only(net):
     with torch.no_grad():
         out = net.run_stage("stage3", h, tail)  # train mode: batch statistics, not the folded running ones
     assert not torch.allclose(out, changed, atol=1e-3)
+
+
+def test_weights_made_in_inference_mode_still_run_fused():
+    """A backbone first built inside ``torch.inference_mode`` has inference tensors, which have no version counter."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        bb = EfficientNetLite0(pretrained=False)
+        x = torch.randn(1, 3, 64, 64)
+        out = bb(x, ["stage2"])["stage2"]
+    ref = _reference(bb, x)["stage2"]
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_loaded_detector_builds_its_backbone_outside_inference_mode(monkeypatch):
+    """``predict`` of a loaded model runs in inference mode and builds the backbone there on first use."""
+    from clad.detectors.base import Detector
+    from clad import registry
+
+    monkeypatch.setattr(registry, "create_backbone", lambda name: EfficientNetLite0(pretrained=False))
+
+    class Probe(Detector):
+        def __init__(self):
+            self.config = type("Cfg", (), {"backbone": "efficientnet_lite0"})()
+
+    det = Probe()
+    with torch.inference_mode():
+        bb = det._backbone()
+    assert not any(p.is_inference() for p in bb.parameters())
+
+
+def test_preprocess_keeps_the_order_of_a_batch_of_mixed_sizes():
+    """Images are resized in groups of one shape; the batch must come back in the given order."""
+    from PIL import Image
+
+    from clad.registry import create_backbone
+
+    bb = create_backbone("tiny_cnn")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 50, 3), (64, 64, 3), (40, 50, 3), (32, 32, 3), (90, 70, 3)]]
+    batch = bb.preprocess(images, 32)
+    assert batch.shape == (5, 3, 32, 32)
+    for k, im in enumerate(images):
+        torch.testing.assert_close(batch[k : k + 1], bb.preprocess([im], 32))
+    # Pillow's bilinear filter with antialiasing, computed by torch: within 2 grey levels of Pillow's own.
+    std = torch.tensor(bb.std).view(3, 1, 1) * 255.0
+    for k, im in enumerate(images):
+        pil = np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR, reducing_gap=None)).astype(np.float32)
+        ref = (torch.from_numpy(pil).permute(2, 0, 1) / 255.0 - torch.tensor(bb.mean).view(3, 1, 1)) / torch.tensor(bb.std).view(3, 1, 1)
+        assert ((batch[k] - ref) * std).abs().max() <= 2.01

@@ -11,7 +11,7 @@ import clad
 from clad.detectors.padim import shrunk_covariance
 from clad.detectors.patchcore import coreset_size
 from clad.ops.coreset import KCenterIndex, _kcenter_plain, coverage_radius, greedy_coreset
-from clad.ops.knn import knn
+from clad.ops.knn import knn, row_min
 from conftest import plant_square, texture
 
 BASELINES = ["patchcore", "padim", "spade"]
@@ -247,3 +247,34 @@ def test_smooth_maps_equals_upsample_blur_resize(shape):
     for got, want in zip(smooth_maps(patch, 64, 4.0, [shape, shape]), expected):
         np.testing.assert_allclose(got, want, atol=1e-5)
     torch.testing.assert_close(smooth_working(patch, 64, 4.0), working, atol=1e-5, rtol=0)
+
+
+def test_row_min_matches_torch_min_with_and_without_indices():
+    gen = torch.Generator().manual_seed(21)
+    d = torch.randn(300, 57, generator=gen)
+    d[5, 10] = d[5, 40] = d[5].min() - 1.0  # a tie: the first index wins, as in torch.min
+    v, i = row_min(d)
+    ref_v, ref_i = d.min(1)
+    assert torch.equal(v, ref_v) and torch.equal(i, ref_i) and i[5] == 10
+    v2, i2 = row_min(d, index=False)
+    assert torch.equal(v2, ref_v) and i2 is None
+    assert torch.equal(row_min(d, gil=False)[1], ref_i)
+
+
+def test_distances_without_indices_are_the_same():
+    """``indices=False`` skips the row argmins; the distances must not change (brute force, pruned, probed)."""
+    bank = clustered(2500, 16, 8, seed=22)
+    query = torch.cat([clustered(2600, 16, 8, seed=23), torch.randn(100, 16) * 10])
+    d, i = knn(query, bank, k=1, max_block=64 * 1024)
+    d2, i2 = knn(query, bank, k=1, max_block=64 * 1024, indices=False)
+    assert i2 is None
+    torch.testing.assert_close(d2, d)
+    index = KCenterIndex(bank)
+    for n_probe in (0, 1, 2):
+        for workers in (1, 2):
+            dist, rows = index.nearest(query, n_probe, workers=workers)
+            only, none = index.nearest(query, n_probe, workers=workers, indices=False)
+            assert none is None
+            torch.testing.assert_close(only, dist)
+    index.search = "brute"
+    torch.testing.assert_close(index.nearest(query, indices=False)[0], d[:, 0], atol=1e-3, rtol=1e-4)

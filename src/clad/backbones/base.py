@@ -5,12 +5,15 @@ and owns the preprocessing (resize + normalisation) that belongs to its weights.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from clad.data.io import as_rgb
@@ -54,13 +57,14 @@ class Backbone(nn.Module):
     def preprocess(self, images: Sequence[ImageLike], size: int | None = None) -> torch.Tensor:
         """Images of any size -> normalised float tensor (B, 3, size, size) on the backbone's device."""
         size = size or self.default_size
-        batch = np.stack([_resize(as_rgb(im), size) for im in images])  # (B, S, S, 3) uint8
-        # (x / 255 - mean) / std as two in-place passes, without temporaries (about 3x faster). The tensor keeps
-        # the array's channels-last strides (a permuted view).
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
-        return x.sub_(mean).div_(std)
+        decode = _map if any(isinstance(im, (str, Path)) for im in images) else lambda fn, items: [fn(x) for x in items]
+        x = _resize_batch(decode(as_rgb, images), size).to(self.device)  # (B, 3, S, S) uint8, channels-last
+        # (x / 255 - mean) / std as one pass, x * (1 / (255 std)) - mean / std, straight from uint8 (about 3x
+        # faster than converting first).
+        std = torch.tensor(self.std, dtype=torch.float64) * 255.0
+        scale = (1.0 / std).float().view(1, 3, 1, 1).to(x.device)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64) * 255.0 / std).float().view(1, 3, 1, 1).to(x.device)
+        return torch.addcmul(shift, x, scale)
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -69,6 +73,33 @@ class Backbone(nn.Module):
         """(B, 3, H, W) -> (B, D) global embedding: average of the deepest feature map."""
         last = self.feature_info[-1].name
         return self.forward(x, [last])[last].mean(dim=(2, 3))
+
+
+def _map(fn, items: Sequence) -> list:
+    """``[fn(x) for x in items]`` over torch's thread count: decoding an image file releases the GIL."""
+    workers = min(len(items), torch.get_num_threads())
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _resize_batch(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+    """RGB arrays (H, W, 3) uint8 -> (B, 3, size, size) uint8 in channels-last strides, bilinear with
+    antialiasing (Pillow's filter; torch's uint8 kernel, within 2 levels of Pillow's own)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(a.shape, []).append(i)
+    parts = []
+    for shape, idx in by_shape.items():
+        x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2)
+        if shape[:2] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        parts.append(x.contiguous(memory_format=torch.channels_last))
+    if len(parts) == 1:
+        return parts[0]
+    order = torch.tensor([i for idx in by_shape.values() for i in idx]).argsort()
+    return torch.cat(parts).index_select(0, order).contiguous(memory_format=torch.channels_last)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:

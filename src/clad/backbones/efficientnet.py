@@ -132,9 +132,11 @@ def _cached(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d):
 
     The key holds each tensor's identity and version counter, and the entry holds the tensors themselves, so an
     identity cannot be reused while it stands; a fine-tuning step or ``load_state_dict`` bumps a version.
+    Inference tensors (weights created inside ``torch.inference_mode``) have no version counter; they are keyed
+    by identity alone, so an in-place change to one, possible only in inference mode, is not seen.
     """
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((id(t), t._version) for t in tensors if t is not None)
+    key = tuple((id(t), None if t.is_inference() else t._version) for t in tensors if t is not None)
     entry = conv.__dict__.get("_clad_folded")
     if entry is None or entry[0] != key:
         with torch.no_grad():

@@ -93,7 +93,10 @@ class Detector:
         if getattr(self, "backbone_", None) is None:
             from clad.registry import create_backbone
 
-            self.backbone_ = create_backbone(self.config.backbone)
+            # Built outside inference mode even when first needed inside it (a loaded model's predict): its
+            # weights must stay ordinary tensors, which later training and the fused inference path rely on.
+            with torch.inference_mode(False):
+                self.backbone_ = create_backbone(self.config.backbone)
         return self.backbone_
 
     def _after_adopt(self) -> None:

@@ -488,10 +488,10 @@ class CLAD(Detector):
         """Distance of each row of ``flat`` (N, C) to its nearest memory patch (exact, by either search)."""
         bank = self.memory_bank_
         if len(bank) <= self.brute_force_max or self._brute_only:
-            return knn(flat, bank, k=1)[0][:, 0]
+            return knn(flat, bank, k=1, indices=False)[0][:, 0]
         if getattr(self, "index_", None) is None:
             self.index_ = KCenterIndex(bank)
-        return self.index_.nearest(flat)[0]
+        return self.index_.nearest(flat, indices=False)[0]
 
     # -- inference ----------------------------------------------------------------------------------------
     def _maps(self, x: torch.Tensor, need_memory: bool):

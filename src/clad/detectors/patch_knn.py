@@ -51,7 +51,7 @@ class PatchKNN(Detector):
         arrays, shapes = load_batch(images)
         emb = self._embed(arrays)  # (B, C, h, w)
         b, c, h, w = emb.shape
-        d, _ = knn(emb.permute(0, 2, 3, 1).reshape(-1, c), self.memory_bank_, k=1)
+        d, _ = knn(emb.permute(0, 2, 3, 1).reshape(-1, c), self.memory_bank_, k=1, indices=False)
         patch = d[:, 0].view(b, h, w)
         scores = patch.flatten(1).max(1).values
         return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)

@@ -156,7 +156,8 @@ class PatchCore(Detector):
         """Patch features (B, C, h, w) -> (image scores (B,), patch scores (B, h, w))."""
         b, c, h, w = emb.shape
         flat = emb.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
-        dist, nearest = self._index().nearest(flat, self.config.n_probe)
+        # The nearest rows themselves are needed only by the re-weighting; distances alone are cheaper.
+        dist, nearest = self._index().nearest(flat, self.config.n_probe, indices=self.config.reweight)
         patch = dist.view(b, h * w)
         scores, where = patch.max(1)  # s* and the position of m_test
         if self.config.reweight:

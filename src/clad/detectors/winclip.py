@@ -62,7 +62,7 @@ def anomaly_probability(emb: torch.Tensor, prototypes: torch.Tensor, temperature
 
 def visual_score(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """(..., D) unit embeddings, (M, D) unit memory -> (...) min over memory of (1 - cos) / 2."""
-    d, _ = knn(emb.reshape(-1, emb.shape[-1]), memory, k=1)  # Euclidean: for unit vectors d^2 = 2 - 2 cos
+    d, _ = knn(emb.reshape(-1, emb.shape[-1]), memory, k=1, indices=False)  # Euclidean: for unit vectors d^2 = 2 - 2 cos
     return (d[:, 0] ** 2 / 4).view(emb.shape[:-1])
 
 
