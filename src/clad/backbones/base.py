@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
@@ -100,9 +99,3 @@ def _resize_batch(arrays: list[np.ndarray], size: int) -> torch.Tensor:
         return parts[0]
     order = torch.tensor([i for idx in by_shape.values() for i in idx]).argsort()
     return torch.cat(parts).index_select(0, order).contiguous(memory_format=torch.channels_last)
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
