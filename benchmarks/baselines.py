@@ -234,7 +234,8 @@ def run(args, normalization: str, train, test, labels, masks) -> None:
     fit_s, fit_cpu = time.perf_counter() - t, time.process_time() - c
     fs = det.fit_seconds_
     print(f"fit: {fit_s:.1f} s wall ({fit_cpu:.1f} s CPU) = features {fs['features']:.1f} s + coreset "
-          f"{fs['coreset']:.1f} s; bank {det.bank_size_} x {det.memory_bank_.shape[1]} -> coreset {len(det.memory_bank_)}")
+          f"{fs['coreset']:.1f} s + search index {fs['index']:.1f} s ({det._index().search or 'undecided'}); "
+          f"bank {det.bank_size_} x {det.memory_bank_.shape[1]} -> coreset {len(det.memory_bank_)}")
 
     if args.coverage:
         with torch.inference_mode():

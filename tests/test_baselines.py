@@ -278,3 +278,15 @@ def test_distances_without_indices_are_the_same():
             torch.testing.assert_close(only, dist)
     index.search = "brute"
     torch.testing.assert_close(index.nearest(query, indices=False)[0], d[:, 0], atol=1e-3, rtol=1e-4)
+
+
+def test_patchcore_decides_its_search_at_fit_from_left_out_patches(monkeypatch):
+    """With enough patches left out of the coreset, fit builds the index and times both exact searches on them."""
+    monkeypatch.setattr(KCenterIndex, "decide_min", 256)
+    images = [texture((64, 64), s) for s in range(4)]  # 4 x 8 x 8 = 256 bank patches at stride 8
+    det = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=64, coreset_ratio=0.25)
+    det.fit(images + [texture((64, 64), s) for s in range(4, 8)])  # 512 patches, 128 kept, 384 left out
+    assert det.index_ is not None and det.index_.search in ("brute", "pruned")
+    small = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=64, coreset_ratio=0.9)
+    small.fit(images)  # 26 left out: too few to time, so the first large exact search decides, as before
+    assert small.index_ is None

@@ -66,7 +66,7 @@ class Detector:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc=f"{self.name} predict", unit="batch", disable=not progress, leave=False):
             scores, maps = self._predict_batch(images[start : start + batch_size])
-            parts.append(AnomalyResult(np.asarray(scores, np.float32), [m.astype(np.float32) for m in maps]))
+            parts.append(AnomalyResult(np.asarray(scores, np.float32), [np.asarray(m, np.float32) for m in maps]))
         result = AnomalyResult.concat(parts)
         if self.threshold_ is not None:
             result.threshold = float(self.threshold_)

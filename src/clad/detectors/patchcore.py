@@ -137,7 +137,16 @@ class PatchCore(Detector):
         keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
         self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
         self.index_ = None
-        self.fit_seconds_ = {"features": t1 - t0, "coreset": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        left_out = torch.ones(len(bank), dtype=torch.bool)
+        left_out[keep] = False
+        if int(left_out.sum()) >= KCenterIndex.decide_min:
+            # The search index, and its choice of pruning or brute force, made here from bank patches that the
+            # coreset left out (real training patches, not memory rows), so the first predict call does neither.
+            gen = torch.Generator().manual_seed(cfg.seed)
+            rows = left_out.nonzero()[:, 0]
+            self._index().decide(bank[rows[torch.randperm(len(rows), generator=gen)[: KCenterIndex.decide_min]]])
+        self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
 
     def _index(self) -> KCenterIndex:

@@ -277,6 +277,15 @@ class KCenterIndex:
                 return d[:, 0], None if i is None else self.order[i[:, 0]]
         return self._pruned(query, n_probe, workers, indices)
 
+    def decide(self, sample: torch.Tensor, workers: int | None = None) -> str:
+        """Set ``search`` now, by timing both exact searches of ``sample`` (N, D): queries like the real ones.
+
+        For a memory chosen out of a larger bank, the rows left out are such a sample, and deciding at fit spares
+        the first predict call both the timing and the slower search.
+        """
+        self._decide(sample, workers, False)
+        return self.search
+
     def _decide(self, query: torch.Tensor, workers: int | None, indices: bool) -> tuple:
         """The exact search of ``query`` by both methods; the faster becomes ``search``. Returns the result."""
         t0 = time.perf_counter()
