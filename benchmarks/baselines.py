@@ -100,7 +100,7 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
         feats = [det._project(aggregate(m, cfg.layers, cfg.neighbourhood)) for m in maps]
         flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
         index = det._index()
-        found = [index.nearest(q, cfg.n_probe, indices=cfg.reweight) for q in flat]
+        found = [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat]
         patches = [det._score(f)[1] for f in feats]
 
         def image_scores():  # _score after its search: the largest patch score, re-weighted if asked
@@ -118,7 +118,7 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
             "backbone forward": lambda: [bb(x, cfg.layers) for x in xs],
             "preprocess (resize + normalise)": lambda: [bb.preprocess(a, cfg.image_size) for a, _ in decoded],
             "aggregation (3x3 pool, upsample, concat)": lambda: [det._project(aggregate(m, cfg.layers, cfg.neighbourhood)) for m in maps],
-            "nearest-neighbour search": lambda: [index.nearest(q, cfg.n_probe, indices=cfg.reweight) for q in flat],
+            "nearest-neighbour search": lambda: [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat],
             "image score + re-weighting": image_scores,
             "upsample + blur + resize": lambda: [smooth_maps(p, cfg.image_size, cfg.sigma, s) for p, (_, s) in zip(patches, decoded)],
             "backbone forward, all 4 stages": lambda: [bb(x) for x in xs],

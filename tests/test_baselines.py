@@ -290,3 +290,15 @@ def test_patchcore_decides_its_search_at_fit_from_left_out_patches(monkeypatch):
     small = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=64, coreset_ratio=0.9)
     small.fit(images)  # 26 left out: too few to time, so the first large exact search decides, as before
     assert small.index_ is None
+
+
+def test_patchcore_searches_small_memories_exactly_whatever_n_probe():
+    images = [texture((64, 64), s) for s in range(3)]
+    det = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=64, coreset_ratio=0.5, n_probe=1)
+    det.fit(images)
+    assert det._n_probe() == 0  # 96 rows < probe_min
+    exact = clad.create_detector("patchcore", backbone="tiny_cnn", image_size=64, coreset_ratio=0.5).fit(images)
+    test = [texture((64, 64), 9), plant_square(texture((64, 64), 9), 20, 12, 10)[0]]
+    np.testing.assert_allclose(det.predict(test).scores, exact.predict(test).scores, rtol=1e-5)
+    det.config.probe_min = 16
+    assert det._n_probe() == 1

@@ -16,14 +16,15 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - search: exact nearest neighbour with ``KCenterIndex`` (clusters of the memory bank from k-center centres refined
   by k-means, pruned with the triangle inequality, or brute force where its first search finds that faster, as
   on fine texture), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes it
-  an approximate inverted-file search of each patch's n closest clusters (distances can only grow).
+  an approximate inverted-file search of each patch's n closest clusters (distances can only grow), for memories
+  of at least ``probe_min`` rows.
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,6 +49,10 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.1  # fraction of the memory bank kept (1.0: no subsampling)
     projection_dim: int | None = 128  # random projection used by the coreset selection only
     n_probe: int = 0  # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    # n_probe applies to memories of at least this many rows; smaller ones are searched exactly, since there the
+    # approximate search saves little and its few, small clusters cost accuracy (bottle at 1 shot, 103 rows:
+    # image AUROC 91.4 against 99.6 exact, seeds 0-4)
+    probe_min: int = field(default=8192, metadata={"omit_from_key_when": {"n_probe": 0}})
     reweight: bool = False  # Eq. 7 of the paper on the image score
     reweight_neighbours: int = 3  # b in Eq. 7: memory items around m* (m* included)
     sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
@@ -118,7 +123,7 @@ class PatchCore(Detector):
                 emb = self._project(aggregate({**feats, cfg.layers[-1]: act}, cfg.layers, cfg.neighbourhood))
                 b, c, h, w = emb.shape
                 flat = emb.permute(0, 2, 3, 1).reshape(-1, c)
-                _, nearest = self._index().nearest(flat.detach(), self.config.n_probe)
+                _, nearest = self._index().nearest(flat.detach(), self._n_probe())
                 score = (flat - self.memory_bank_[nearest]).norm(dim=1).view(b, h * w).max(1).values
                 cam = grad_cam(score, act)
             out += smooth_maps(cam.detach(), cfg.image_size, cfg.sigma, shapes)
@@ -149,6 +154,10 @@ class PatchCore(Detector):
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
 
+    def _n_probe(self) -> int:
+        """``n_probe`` where the memory has at least ``probe_min`` rows, else 0 (exact search)."""
+        return self.config.n_probe if len(self.memory_bank_) >= self.config.probe_min else 0
+
     def _index(self) -> KCenterIndex:
         if getattr(self, "index_", None) is None:
             self.index_ = KCenterIndex(self.memory_bank_)
@@ -166,7 +175,7 @@ class PatchCore(Detector):
         b, c, h, w = emb.shape
         flat = emb.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
         # The nearest rows themselves are needed only by the re-weighting; distances alone are cheaper.
-        dist, nearest = self._index().nearest(flat, self.config.n_probe, indices=self.config.reweight)
+        dist, nearest = self._index().nearest(flat, self._n_probe(), indices=self.config.reweight)
         patch = dist.view(b, h * w)
         scores, where = patch.max(1)  # s* and the position of m_test
         if self.config.reweight:
