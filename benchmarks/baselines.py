@@ -97,11 +97,15 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
     with torch.inference_mode():
         xs = [bb.preprocess(arrays, cfg.image_size) for arrays, _ in decoded]
         maps = [bb(x, cfg.layers) for x in xs]
-        feats = [det._project(aggregate(m, cfg.layers, cfg.neighbourhood)) for m in maps]
+
+        def features(m):  # PatchCore._features after the backbone: aggregation, then the optional projection
+            return det._project(aggregate(m, cfg.layers, cfg.neighbourhood))
+
+        feats = [features(m) for m in maps]
         flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
         index = det._index()
         found = [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat]
-        patches = [det._score(f)[1] for f in feats]
+        patches = [dist.view(f.shape[0], *f.shape[2:]) for f, (dist, _) in zip(feats, found)]
 
         def image_scores():  # _score after its search: the largest patch score, re-weighted if asked
             for f, q, (dist, nearest) in zip(feats, flat, found):
@@ -117,7 +121,7 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
             "predict (whole call)": lambda: det.predict(images, batch_size=batch_size),
             "backbone forward": lambda: [bb(x, cfg.layers) for x in xs],
             "preprocess (resize + normalise)": lambda: [bb.preprocess(a, cfg.image_size) for a, _ in decoded],
-            "aggregation (3x3 pool, upsample, concat)": lambda: [det._project(aggregate(m, cfg.layers, cfg.neighbourhood)) for m in maps],
+            "aggregation (3x3 pool, upsample, concat)": lambda: [features(m) for m in maps],
             "nearest-neighbour search": lambda: [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat],
             "image score + re-weighting": image_scores,
             "upsample + blur + resize": lambda: [smooth_maps(p, cfg.image_size, cfg.sigma, s) for p, (_, s) in zip(patches, decoded)],

@@ -317,11 +317,11 @@ class KCenterIndex:
         n = q.shape[0]
         q_sq = (q * q).sum(1)
         best = torch.full((n,), float("inf"))
-        best_i = torch.zeros(n, dtype=torch.long)
+        best_i = torch.zeros(n, dtype=torch.long) if indices else None
         if n_probe == 1:
             # Only the closest mean is needed: |q|^2, a clamp and a root would not change which it is.
             probe = row_min(torch.addmm(self.means_sq, q, self.means.T, alpha=-2.0))[1]
-            self._search(q, q_sq, probe, torch.arange(n), best, best_i if indices else None)
+            self._search(q, q_sq, probe, torch.arange(n), best, best_i)
             return best.clamp_min(0).sqrt(), self.order[best_i] if indices else None
         # Distance to each cluster mean: |q - mu_j| - rho_j bounds the distance to every row of cluster j.
         dm = torch.addmm(self.means_sq, q, self.means.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0).sqrt_()
@@ -331,13 +331,13 @@ class KCenterIndex:
         else:
             probe = dm.topk(n_probe, dim=1, largest=False).indices  # (N, p)
         rows = torch.arange(n)[:, None].expand_as(probe)
-        self._search(q, q_sq, probe.reshape(-1), rows.reshape(-1), best, best_i if indices else None)
+        self._search(q, q_sq, probe.reshape(-1), rows.reshape(-1), best, best_i)
         if n_probe == 0:
             # Pass 2: only the clusters whose lower bound beats that upper bound.
             need = (dm - self.radii).mul_(1 - _SLACK) < best.clamp_min(0).sqrt()[:, None]  # (N, C)
             need[torch.arange(n), probe[:, 0]] = False
             pairs = need.nonzero()  # (P, 2) as (query, cluster)
-            self._search(q, q_sq, pairs[:, 1], pairs[:, 0], best, best_i if indices else None)
+            self._search(q, q_sq, pairs[:, 1], pairs[:, 0], best, best_i)
         return best.clamp_min(0).sqrt(), self.order[best_i] if indices else None
 
     def _search(self, q, q_sq, clusters, queries, best, best_i) -> None:
