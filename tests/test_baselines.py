@@ -9,7 +9,7 @@ import torch
 
 import clad
 from clad.detectors.padim import shrunk_covariance
-from clad.detectors.patchcore import coreset_size
+from clad.detectors.patchcore import coreset_size, exact_top
 from clad.ops.coreset import KCenterIndex, _kcenter_plain, coverage_radius, greedy_coreset
 from clad.ops.knn import knn, row_min
 from conftest import plant_square, texture
@@ -302,3 +302,40 @@ def test_patchcore_searches_small_memories_exactly_whatever_n_probe():
     np.testing.assert_allclose(det.predict(test).scores, exact.predict(test).scores, rtol=1e-5)
     det.config.probe_min = 16
     assert det._n_probe() == 1
+
+
+def test_exact_top_gives_the_exact_maximum_after_a_probed_search():
+    """After one probe, each image's largest distance is too large; ``exact_top`` restores the exact one and its
+    row, searches only part of the patches, and leaves every other distance an upper bound of the exact one."""
+    bank = clustered(4000, 16, 12, seed=31)
+    feats = torch.cat([clustered(6 * 400, 16, 12, seed=32), torch.randn(60, 16) * 3]).view(6, 410, 16)
+    index = KCenterIndex(bank)
+    exact, rows = index.nearest(feats.view(-1, 16), 0)
+    exact, rows = exact.view(6, 410), rows.view(6, 410)
+    approx, near = (t.view(6, 410).clone() for t in index.nearest(feats.view(-1, 16), 1))
+    assert (approx.amax(1) > exact.amax(1) + 1e-3).any()  # the probe alone overestimates some maxima
+    searched = exact_top(index, feats, approx, near, start=1)
+    assert 6 < searched < approx.numel()  # more than one round, far from every patch
+    torch.testing.assert_close(approx.amax(1), exact.amax(1))
+    top = approx.argmax(1)
+    assert torch.equal(near[torch.arange(6), top], rows[torch.arange(6), top])
+    assert (approx >= exact - 1e-4).all()
+
+
+def test_patchcore_probed_image_scores_are_the_exact_ones():
+    """n_probe with ``exact_max`` (the default) gives the exact search's image scores, re-weighted or not; without
+    it they may come out larger."""
+    images = [texture((64, 64), s) for s in range(6)]
+    test = [texture((64, 64), 9), plant_square(texture((64, 64), 9), 20, 12, 10)[0], texture((64, 64), 11)]
+    kw = dict(backbone="tiny_cnn", image_size=64, coreset_ratio=1.0)
+    loose_any = False
+    for reweight in (False, True):
+        want = clad.create_detector("patchcore", reweight=reweight, **kw).fit(images).predict(test).scores
+        probe = dict(n_probe=1, probe_min=16, reweight=reweight, **kw)
+        got = clad.create_detector("patchcore", **probe).fit(images).predict(test).scores
+        loose = clad.create_detector("patchcore", exact_max=False, **probe).fit(images).predict(test).scores
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        if not reweight:
+            assert (loose >= got - 1e-5).all()
+        loose_any |= bool((np.abs(loose - got) > 1e-4).any())
+    assert loose_any  # the probe alone does miss here, so the test can tell

@@ -41,7 +41,9 @@ def knn(
     indices = indices or k > 1
     k = min(k, bank.shape[0])
     n, m = query.shape[0], bank.shape[0]
-    bank_chunk = min(m, max(k, max_block // 1024))
+    # Blocks of at least 1,024 queries; fewer queries take correspondingly more bank rows per block, so that a
+    # small query set costs a few large products, not one small product per 1,024 bank rows.
+    bank_chunk = min(m, max(k, max_block // max(1, min(n, 1024))))
     q_chunk = max(1, max_block // bank_chunk)
     bank_sq = (bank * bank).sum(1)  # (M,)
     out_d = torch.empty(n, k, dtype=query.dtype, device=query.device)
