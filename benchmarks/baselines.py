@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clad.detectors.patchcore import PatchCore
+from clad.detectors.patchcore import PatchCore, exact_top
 from clad.ops.coreset import coverage_radius
 from clad.ops.features import aggregate, load_batch
 from clad.ops.smoothing import smooth_maps
@@ -107,6 +107,13 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
         found = [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat]
         patches = [dist.view(f.shape[0], *f.shape[2:]) for f, (dist, _) in zip(feats, found)]
 
+        def certify():  # _score after an approximate search: each image's largest distance made exact
+            if det._n_probe() and cfg.exact_max:
+                for f, q, (dist, nearest) in zip(feats, flat, found):
+                    b, _, h, w = f.shape
+                    exact_top(index, q.view(b, h * w, -1), dist.clone().view(b, h * w),
+                              None if nearest is None else nearest.clone().view(b, h * w))
+
         def image_scores():  # _score after its search: the largest patch score, re-weighted if asked
             for f, q, (dist, nearest) in zip(feats, flat, found):
                 b, _, h, w = f.shape
@@ -123,6 +130,7 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
             "preprocess (resize + normalise)": lambda: [bb.preprocess(a, cfg.image_size) for a, _ in decoded],
             "aggregation (3x3 pool, upsample, concat)": lambda: [features(m) for m in maps],
             "nearest-neighbour search": lambda: [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat],
+            "exact image maxima (exact_max, n_probe > 0)": certify,
             "image score + re-weighting": image_scores,
             "upsample + blur + resize": lambda: [smooth_maps(p, cfg.image_size, cfg.sigma, s) for p, (_, s) in zip(patches, decoded)],
             "backbone forward, all 4 stages": lambda: [bb(x) for x in xs],
