@@ -147,6 +147,28 @@ def test_bench_writes_report_and_second_invocation_uses_the_cache(synth, tmp_pat
     assert (second["ran"], second["cached"], second["failed"]) == (0, 2, 0)
 
 
+def test_backbone_time_is_reused_only_by_the_same_code_and_machine(synth, tmp_path, monkeypatch):
+    """The bare backbone's time is cached beside the runs; a new version (or machine) measures it again."""
+    out = tmp_path / "bench"
+    args = dict(data=f"mvtec:{synth}", categories="tile", detectors=KNN, shots="1", progress=False, plots=False)
+    bench.run_bench(out, runs=1, **args)
+    (cached,) = (out / "backbone_times").glob("*.json")
+    doc = json.loads(cached.read_text())
+    cached.write_text(json.dumps(dict(doc, ms_per_image=1e6)))  # a stale time, far off
+
+    def ratio(seed):
+        (path,) = (p for p in (out / "runs").glob("*.json") if json.loads(p.read_text())["settings"]["seed"] == seed)
+        return json.loads(path.read_text())["metrics"]["predict_over_backbone"]
+
+    bench.run_bench(out, runs=2, **args)
+    assert ratio(1) < 1e-3  # same code and machine: the cached time is used
+    real = bench.machine
+    monkeypatch.setattr(bench, "machine", lambda: dict(real(), clad="9.9.9"))
+    bench.run_bench(out, runs=3, **args)
+    assert ratio(2) > 1e-2  # another version: measured again
+    assert len(list((out / "backbone_times").glob("*.json"))) == 2
+
+
 def test_interrupted_bench_goes_on_where_it_stopped(synth, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     args = dict(data=f"mvtec:{synth}", categories="tile", detectors=KNN, shots="1", runs=3, progress=False,

@@ -581,7 +581,11 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
     bb_spec, size = params.get("backbone"), params.get("image_size")
     bt = None
     if bb_spec:
-        bt_key = hashlib.sha256(json.dumps([run.dataset, run.category, bb_spec, size, batch_size]).encode()).hexdigest()[:16]
+        # The backbone's time belongs to the code and machine that measured it: a cached time from another
+        # version (say, before a faster backbone) would make every ratio wrong.
+        bt_key = hashlib.sha256(
+            json.dumps([run.dataset, run.category, bb_spec, size, batch_size, machine()], sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         bt = backbone_times.get(bt_key)
         if bt is None and bt_dir is not None:
             bt = _read_json(bt_dir / f"{bt_key}.json")
