@@ -269,6 +269,9 @@ def test_distances_without_indices_are_the_same():
     d2, i2 = knn(query, bank, k=1, max_block=64 * 1024, indices=False)
     assert i2 is None
     torch.testing.assert_close(d2, d)
+    d3, i3 = knn(query, bank, k=1, max_block=64 * 1024, bank_sq=(bank * bank).sum(1))  # norms given
+    torch.testing.assert_close(d3, d)
+    assert torch.equal(i3, i)
     index = KCenterIndex(bank)
     for n_probe in (0, 1, 2):
         for workers in (1, 2):

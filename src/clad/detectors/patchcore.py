@@ -82,7 +82,7 @@ def coreset_size(n_patches: int, ratio: float) -> int:
 
 
 def exact_top(index: KCenterIndex, feats: torch.Tensor, dist: torch.Tensor, nearest: torch.Tensor | None = None,
-              start: int = 8) -> int:
+              start: int = 4) -> int:
     """Make each image's largest patch distance exact, in place, after an approximate search.
 
     feats (B, P, D): the patches of B images; dist (B, P): their approximate nearest-neighbour distances, which

@@ -273,7 +273,7 @@ class KCenterIndex:
             if self.search is None and len(query) >= self.decide_min:
                 return self._decide(query, workers, indices)
             if self.search == "brute":
-                d, i = knn(query.float(), self.bank, k=1, indices=indices)
+                d, i = knn(query.float(), self.bank, k=1, indices=indices, bank_sq=self.bank_sq)
                 return d[:, 0], None if i is None else self.order[i[:, 0]]
         return self._pruned(query, n_probe, workers, indices)
 
@@ -284,7 +284,7 @@ class KCenterIndex:
         (bottle's full-shot memory, 16 x 8 queries: 0.6 against 0.5 ms per image even when it skips its first
         pass, given an upper bound).
         """
-        d, i = knn(query.float(), self.bank, k=1, indices=indices)
+        d, i = knn(query.float(), self.bank, k=1, indices=indices, bank_sq=self.bank_sq)
         return d[:, 0], None if i is None else self.order[i[:, 0]]
 
     def decide(self, sample: torch.Tensor, workers: int | None = None) -> str:
@@ -301,7 +301,7 @@ class KCenterIndex:
         t0 = time.perf_counter()
         out = self._pruned(query, 0, workers, indices)
         t1 = time.perf_counter()
-        knn(query.float(), self.bank, k=1, indices=indices)
+        knn(query.float(), self.bank, k=1, indices=indices, bank_sq=self.bank_sq)
         self.search = "pruned" if t1 - t0 <= time.perf_counter() - t1 else "brute"
         return out
 

@@ -30,13 +30,19 @@ def row_min(d: torch.Tensor, index: bool = True, gil: bool = True) -> tuple[torc
 
 
 def knn(
-    query: torch.Tensor, bank: torch.Tensor, k: int = 1, max_block: int = MAX_BLOCK, indices: bool = True
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    max_block: int = MAX_BLOCK,
+    indices: bool = True,
+    bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Euclidean k nearest neighbours of each query row in ``bank``.
 
     query: (N, D), bank: (M, D). Returns (distances (N, k), indices (N, k)), ascending; with ``indices=False``
     and k = 1 the indices are not computed (None), which makes the row minima several times cheaper.
-    Works in blocks of both queries and bank rows so memory stays under ``max_block`` floats.
+    Works in blocks of both queries and bank rows so memory stays under ``max_block`` floats. ``bank_sq``: the
+    squared norms of the bank rows (M,), for a bank searched many times (a pass over a large bank otherwise).
     """
     indices = indices or k > 1
     k = min(k, bank.shape[0])
@@ -45,7 +51,8 @@ def knn(
     # small query set costs a few large products, not one small product per 1,024 bank rows.
     bank_chunk = min(m, max(k, max_block // max(1, min(n, 1024))))
     q_chunk = max(1, max_block // bank_chunk)
-    bank_sq = (bank * bank).sum(1)  # (M,)
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)  # (M,)
     out_d = torch.empty(n, k, dtype=query.dtype, device=query.device)
     out_i = torch.empty(n, k, dtype=torch.long, device=query.device) if indices else None
     for qs in range(0, n, q_chunk):
