@@ -88,10 +88,10 @@ def exact_top(index: KCenterIndex, feats: torch.Tensor, dist: torch.Tensor, near
     feats (B, P, D): the patches of B images; dist (B, P): their approximate nearest-neighbour distances, which
     can only be too large (``KCenterIndex.nearest`` with ``n_probe`` > 0); nearest (B, P) their memory rows, or
     None. Each image's patches are searched exactly from the highest approximate distance down, ``start`` of them
-    first and twice as many each round, until the largest exact distance found is at least the approximate one
-    of every patch not yet searched. Since no patch's exact distance exceeds its approximate one, that maximum is
-    the exact search's. The patches searched get their exact distance (and row); the others keep their upper
-    bound. Returns the number of patches searched.
+    first, then as many more each round (4, 8, 16, ... in all), until the largest exact distance found is at
+    least the approximate one of every patch not yet searched. Since no patch's exact distance exceeds its
+    approximate one, that maximum is the exact search's. The patches searched get their exact distance (and row);
+    the others keep their upper bound. Returns the number of patches searched.
     """
     b, p, _ = feats.shape
     order = dist.argsort(dim=1, descending=True)  # (B, P)
