@@ -335,10 +335,15 @@ def test_patchcore_probed_image_scores_are_the_exact_ones():
     for reweight in (False, True):
         want = clad.create_detector("patchcore", reweight=reweight, **kw).fit(images).predict(test).scores
         probe = dict(n_probe=1, probe_min=16, reweight=reweight, **kw)
-        got = clad.create_detector("patchcore", **probe).fit(images).predict(test).scores
+        probed = clad.create_detector("patchcore", **probe).fit(images)
+        got = probed.predict(test).scores
         loose = clad.create_detector("patchcore", exact_max=False, **probe).fit(images).predict(test).scores
         np.testing.assert_allclose(got, want, rtol=1e-5)
         if not reweight:
             assert (loose >= got - 1e-5).all()
+            # Grad-CAM differentiates the same score, so it finds the same top patches and rows
+            exact_cams = clad.create_detector("patchcore", **kw).fit(images).gradcam(test)
+            for cam, ref in zip(probed.gradcam(test), exact_cams):
+                np.testing.assert_allclose(cam, ref, rtol=1e-4, atol=1e-6)
         loose_any |= bool((np.abs(loose - got) > 1e-4).any())
     assert loose_any  # the probe alone does miss here, so the test can tell

@@ -99,7 +99,7 @@ def exact_top(index: KCenterIndex, feats: torch.Tensor, dist: torch.Tensor, near
     todo, lo, hi, searched = torch.arange(b), 0, min(start, p), 0
     while len(todo) and lo < p:
         pos = order[todo, lo:hi]  # (T, hi - lo) patches searched this round
-        d, i = index.exact_few(feats[todo[:, None], pos].reshape(-1, feats.shape[2]), indices=nearest is not None)
+        d, i = index.brute(feats[todo[:, None], pos].reshape(-1, feats.shape[2]), indices=nearest is not None)
         dist[todo[:, None], pos] = d.view(len(todo), -1)
         if nearest is not None:
             nearest[todo[:, None], pos] = i.view(len(todo), -1)
@@ -161,8 +161,9 @@ class PatchCore(Detector):
                 emb = self._project(aggregate({**feats, cfg.layers[-1]: act}, cfg.layers, cfg.neighbourhood))
                 b, c, h, w = emb.shape
                 flat = emb.permute(0, 2, 3, 1).reshape(-1, c)
-                _, nearest = self._index().nearest(flat.detach(), self._n_probe())
-                score = (flat - self.memory_bank_[nearest]).norm(dim=1).view(b, h * w).max(1).values
+                with torch.inference_mode():  # the rows as predict finds them
+                    _, nearest = self._search(flat.detach().view(b, h * w, c), indices=True)
+                score = (flat - self.memory_bank_[nearest.reshape(-1)]).norm(dim=1).view(b, h * w).max(1).values
                 cam = grad_cam(score, act)
             out += smooth_maps(cam.detach(), cfg.image_size, cfg.sigma, shapes)
         return out
@@ -211,18 +212,27 @@ class PatchCore(Detector):
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (B, C, h, w) -> (image scores (B,), patch scores (B, h, w))."""
         b, c, h, w = emb.shape
-        flat = emb.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
+        flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, c)
         # The nearest rows themselves are needed only by the re-weighting; distances alone are cheaper.
-        n_probe, index = self._n_probe(), self._index()
-        dist, nearest = index.nearest(flat, n_probe, indices=self.config.reweight)
-        patch = dist.view(b, h * w)
-        if n_probe and self.config.exact_max:
-            exact_top(index, flat.view(b, h * w, c), patch, None if nearest is None else nearest.view(b, h * w))
+        patch, nearest = self._search(flat, indices=self.config.reweight)
         scores, where = patch.max(1)  # s* and the position of m_test
         if self.config.reweight:
-            rows = torch.arange(b) * h * w + where
-            scores = scores * self._reweight(flat[rows], nearest[rows])
+            rows = torch.arange(b)
+            scores = scores * self._reweight(flat[rows, where], nearest[rows, where])
         return scores, patch.view(b, h, w)
+
+    def _search(self, feats: torch.Tensor, indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patches (B, P, C) -> (distance to the nearest memory row (B, P), that row (B, P) or None).
+
+        Exact, or with ``n_probe`` approximate, each image's largest distance then made exact (``exact_max``).
+        """
+        b, p, c = feats.shape
+        n_probe, index = self._n_probe(), self._index()
+        dist, nearest = index.nearest(feats.reshape(-1, c), n_probe, indices=indices)
+        dist, nearest = dist.view(b, p), None if nearest is None else nearest.view(b, p)
+        if n_probe and self.config.exact_max:
+            exact_top(index, feats, dist, nearest)
+        return dist, nearest
 
     def _reweight(self, m_test: torch.Tensor, m_star: torch.Tensor) -> torch.Tensor:
         """Eq. 7: w = 1 - exp|m_test - m*| / sum_b exp|m_test - m_b|, over the b memory items nearest to m*.
