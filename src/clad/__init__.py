@@ -3,7 +3,7 @@ from clad.detectors.base import Detector, load_detector
 from clad.registry import create_backbone, create_detector, list_backbones, list_detectors
 from clad.types import AnomalyResult, Sample
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AnomalyResult",

@@ -16,9 +16,12 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - search: exact nearest neighbour with ``KCenterIndex`` (clusters of the memory bank from k-center centres refined
   by k-means, pruned with the triangle inequality, or brute force where its first search finds that faster, as
   on fine texture), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes it
-  an approximate inverted-file search of each patch's n closest clusters (distances can only grow), for memories
-  of at least ``probe_min`` rows; each image's largest patch distance is then made exact (``exact_max``), so
-  image scores do not change.
+  an approximate inverted-file search of each patch's n closest clusters, for memories of at least ``probe_min``
+  rows: by default in the memory's 32 leading principal components (``ProjectedIVF``; each distance is still
+  measured in every channel to a real memory row, so it can only be too large). Each image's largest patch
+  distance is then made exact (``exact_top``), so image scores do not change.
+- predict: each batch is split over torch's threads, one part per thread (``workers``), with one torch thread
+  each; the same results as one call, faster on a CPU (see ``_predict_batch``).
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
 """
 from __future__ import annotations
@@ -32,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from clad.detectors.base import Detector
-from clad.ops.coreset import KCenterIndex, greedy_coreset, single_thread
+from clad.ops.coreset import KCenterIndex, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, load_batch, patch_embeddings
 from clad.ops.gradcam import grad_cam
+from clad.ops.ivf import ProjectedIVF, one_blas_thread
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps
 from clad.registry import register_detector
@@ -60,6 +64,17 @@ class PatchCoreConfig:
     # rows, n_probe=1: image / pixel AUROC 85.6 / 78.9 against 79.8 / 78.8 without it and 85.6 / 80.0 exact,
     # search 3.6 + 1.2 ms/image (probe, then about 6 patches per image searched again) against 96 exact.
     exact_max: bool = field(default=True, metadata={"omit_from_key_when": {"n_probe": 0}})
+    # With n_probe, the search runs in this many leading principal components of the memory (``ProjectedIVF``:
+    # each patch's candidate row is found there, its distance measured in all channels); None searches all
+    # channels with ``KCenterIndex``'s clusters. Bottle full-shot, n_probe=1: search 0.9 against 1.9 ms/image,
+    # the same AUROCs (benchmarks/README.md, "Session 10").
+    probe_dim: int | None = field(default=32, metadata={"omit_from_key_when": {"n_probe": 0}})
+    # predict splits each batch into this many parts, run side by side on threads with one torch thread each
+    # (None: torch's thread count; 1: the whole batch in one call, torch's threads inside each operation). On 2
+    # cores, bottle full-shot with n_probe=1: 1.12 against 1.45 times the bare forward's time, back to back
+    # (benchmarks/README.md, "Session 10"): the search's own threads no longer wait on cores that OpenMP keeps
+    # spinning after each parallel operation.
+    workers: int | None = field(default=None, metadata={"omit_from_key_when": {"workers": None}})
     reweight: bool = False  # Eq. 7 of the paper on the image score
     reweight_neighbours: int = 3  # b in Eq. 7: memory items around m* (m* included)
     sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
@@ -68,6 +83,10 @@ class PatchCoreConfig:
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 or None (torch's thread count), got {self.workers}")
+        if self.probe_dim is not None and self.probe_dim < 1:
+            raise ValueError(f"probe_dim must be >= 1 or None (all channels), got {self.probe_dim}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.n_probe < 0:
@@ -81,25 +100,46 @@ def coreset_size(n_patches: int, ratio: float) -> int:
     return min(n_patches, max(1, math.ceil(ratio * n_patches - 1e-9)))
 
 
-def exact_top(index: KCenterIndex, feats: torch.Tensor, dist: torch.Tensor, nearest: torch.Tensor | None = None,
-              start: int = 4) -> int:
+def exact_top(index: KCenterIndex | ProjectedIVF, feats: torch.Tensor, dist: torch.Tensor,
+              nearest: torch.Tensor | None = None, start: int = 1, tighten: int = 16) -> int:
     """Make each image's largest patch distance exact, in place, after an approximate search.
 
     feats (B, P, D): the patches of B images; dist (B, P): their approximate nearest-neighbour distances, which
-    can only be too large (``KCenterIndex.nearest`` with ``n_probe`` > 0); nearest (B, P) their memory rows, or
-    None. Each image's patches are searched exactly from the highest approximate distance down, ``start`` of them
-    first, then as many more each round (4, 8, 16, ... in all), until the largest exact distance found is at
-    least the approximate one of every patch not yet searched. Since no patch's exact distance exceeds its
-    approximate one, that maximum is the exact search's. The patches searched get their exact distance (and row);
-    the others keep their upper bound. Returns the number of patches searched.
+    can only be too large (``nearest`` of the index with ``n_probe`` > 0); nearest (B, P) their memory rows, or
+    None.
+
+    1. Each image's ``tighten`` patches of highest distance are searched again more widely (``index.closer``),
+       which lowers their bounds, so that fewer of them need step 2.
+    2. Each image's patches are searched exactly (``index.exact``) from the highest bound down, ``start`` of them
+       first, then as many more each round (1, 2, 4, ... in all), until the largest exact distance found is at
+       least the bound of every patch not yet searched.
+
+    Since no patch's exact distance exceeds its bound, that maximum is the exact search's. The patches searched
+    exactly get their exact distance (and row); the others keep an upper bound. Returns the number of patches
+    searched exactly.
     """
-    b, p, _ = feats.shape
-    order = dist.argsort(dim=1, descending=True)  # (B, P)
-    bound = dist.gather(1, order)  # approximate distances, descending
+    b, p, c = feats.shape
+    rows = torch.arange(b)[:, None]
+    if tighten:
+        k = min(tighten, p)
+        top = dist.topk(k, dim=1).indices
+        d, i = index.closer(feats[rows, top].reshape(-1, c), indices=nearest is not None)
+        old = dist.gather(1, top)
+        better = d.view(b, k) < old
+        dist.scatter_(1, top, torch.where(better, d.view(b, k), old))
+        if nearest is not None:
+            nearest.scatter_(1, top, torch.where(better, i.view(b, k), nearest.gather(1, top)))
+    approx = dist.clone()
+    depth = min(p, 64)  # a sorted prefix is enough for almost every image; all of it is sorted when not
+    bound, order = approx.topk(depth, dim=1)  # descending
     todo, lo, hi, searched = torch.arange(b), 0, min(start, p), 0
     while len(todo) and lo < p:
+        if depth < p and hi >= depth:  # the next round, or the bound after it, lies past the sorted prefix
+            depth = p
+            bound, order = approx.sort(dim=1, descending=True)
         pos = order[todo, lo:hi]  # (T, hi - lo) patches searched this round
-        d, i = index.brute(feats[todo[:, None], pos].reshape(-1, feats.shape[2]), indices=nearest is not None)
+        query = feats[todo[:, None], pos].reshape(-1, c)
+        d, i = index.exact(query, approx[todo[:, None], pos].reshape(-1), indices=nearest is not None)
         dist[todo[:, None], pos] = d.view(len(todo), -1)
         if nearest is not None:
             nearest[todo[:, None], pos] = i.view(len(todo), -1)
@@ -180,7 +220,7 @@ class PatchCore(Detector):
         t1 = time.perf_counter()
         keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
         self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
-        self.index_ = None
+        self.index_ = self.probe_index_ = None
         t2 = time.perf_counter()
         left_out = torch.ones(len(bank), dtype=torch.bool)
         left_out[keep] = False
@@ -190,6 +230,8 @@ class PatchCore(Detector):
             gen = torch.Generator().manual_seed(cfg.seed)
             rows = left_out.nonzero()[:, 0]
             self._index().decide(bank[rows[torch.randperm(len(rows), generator=gen)[: KCenterIndex.decide_min]]])
+        if self._n_probe() and cfg.probe_dim is not None:
+            self._probe_index()  # built here, so the first predict call does not
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
 
@@ -202,12 +244,51 @@ class PatchCore(Detector):
             self.index_ = KCenterIndex(self.memory_bank_)
         return self.index_
 
-    @torch.inference_mode()
+    def _probe_index(self) -> KCenterIndex | ProjectedIVF:
+        """The index of the approximate search (``n_probe`` > 0): ``ProjectedIVF`` in ``probe_dim`` principal
+        components, built on first use and kept until ``probe_dim`` changes, or ``KCenterIndex`` (all channels)."""
+        dim = self.config.probe_dim
+        if dim is None:
+            return self._index()
+        probe = getattr(self, "probe_index_", None)
+        if probe is None or probe.dim != min(dim, self.memory_bank_.shape[1]):
+            probe = self.probe_index_ = ProjectedIVF(self.memory_bank_, dim)
+        return probe
+
     def _predict_batch(self, images):
-        arrays, shapes = load_batch(images)
-        emb = self._embed(arrays)  # (B, C, h, w)
-        scores, patch = self._score(emb)
-        return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)
+        """The batch in ``workers`` parts, side by side on threads of one torch thread each (``_predict_part``).
+
+        On 2 cores this beats one call on torch's two threads: the search runs in numpy on threads of its own,
+        and after each parallel torch operation OpenMP keeps its idle thread spinning for some milliseconds,
+        which took the second core from the search (bottle, n_probe=1: its search took 1.7 instead of 0.9
+        ms/image inside predict). Split, no OpenMP thread is left waiting. Results are those of one call.
+        """
+        workers = min(len(images), self.config.workers or torch.get_num_threads())
+        if self._n_probe():  # the indexes are built here, not by two threads at once
+            self._probe_index()
+        else:
+            self._index()
+        if workers <= 1:
+            return self._predict_part(images)
+        self._backbone()
+        parts = np.array_split(np.arange(len(images)), workers)
+        threads = torch.get_num_threads()
+        try:
+            with one_blas_thread():
+                outs = list(worker_pool(workers).map(lambda part: self._predict_part([images[i] for i in part], 1), parts))
+        finally:
+            torch.set_num_threads(threads)  # torch's default for new threads, which the parts set to 1
+        return np.concatenate([scores for scores, _ in outs]), [m for _, maps in outs for m in maps]
+
+    def _predict_part(self, images, threads: int | None = None):
+        """Scores and maps of some images; with ``threads``, on that many torch threads in this thread."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            arrays, shapes = load_batch(images)
+            emb = self._embed(arrays)  # (B, C, h, w)
+            scores, patch = self._score(emb)
+            return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)
 
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (B, C, h, w) -> (image scores (B,), patch scores (B, h, w))."""
@@ -227,7 +308,8 @@ class PatchCore(Detector):
         Exact, or with ``n_probe`` approximate, each image's largest distance then made exact (``exact_max``).
         """
         b, p, c = feats.shape
-        n_probe, index = self._n_probe(), self._index()
+        n_probe = self._n_probe()
+        index = self._probe_index() if n_probe else self._index()
         dist, nearest = index.nearest(feats.reshape(-1, c), n_probe, indices=indices)
         dist, nearest = dist.view(b, p), None if nearest is None else nearest.view(b, p)
         if n_probe and self.config.exact_max:
@@ -254,4 +336,4 @@ class PatchCore(Detector):
 
     def _set_state(self, tensors, meta):
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
-        self.index_ = None
+        self.index_ = self.probe_index_ = None
