@@ -10,11 +10,12 @@ predict ms/image against the backbone's own forward on the same preprocessed bat
 (preprocessing, feature aggregation, nearest-neighbour search, upsample + blur, resize to the input size).
 Each timing is the best of ``--repeats`` runs, since the machine may be shared.
 
-The headline overhead comes from inside each predict call: the backbone's forward is timed where it runs, and the
-whole call against it, over ``--rounds`` calls (median and range). As a cross-check, each batch's predict call
-and a bare forward on the same batch also run back to back, in alternating order, over ``--rounds`` rounds. On
-a VM whose speed drifts by 20 % within minutes, best-of timings of the two taken minutes apart are not
-comparable; these are.
+The headline: each batch's predict call and the bare backbone forward on the same preprocessed batch, run back to
+back in rotated order over ``--rounds`` rounds, so that a VM whose speed drifts by 20 % within minutes hits them
+alike. The forward runs two ways, on torch's threads and split like predict's batches (one torch thread per
+part); predict is divided by the faster of the two in each round (median and range over rounds), and by each.
+The older measure, predict against the forward timed inside the same call, needs one forward at a time: it is
+given for ``workers=1``. The stage breakdown is of one call on torch's threads.
 """
 from __future__ import annotations
 
@@ -316,7 +317,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=9,
-                    help="predict calls timed against the forward inside them (0: skip)")
+                    help="rounds of predict against the bare forward, back to back (0: skip)")
     ap.add_argument("--n-probe", type=int, nargs="+", default=[0, 1],
                     help="nearest-neighbour search: 0 exact, n > 0 approximate over the n closest clusters")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
