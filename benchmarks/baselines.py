@@ -104,7 +104,7 @@ def breakdown(det: PatchCore, images, batch_size: int, repeats: int) -> dict[str
 
         feats = [features(m) for m in maps]
         flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
-        index = det._probe_index() if det._n_probe() else det._index()
+        index = det._search_index()
         found = [index.nearest(q, det._n_probe(), indices=cfg.reweight) for q in flat]
         patches = [dist.view(f.shape[0], *f.shape[2:]) for f, (dist, _) in zip(feats, found)]
 

@@ -230,8 +230,8 @@ class PatchCore(Detector):
             gen = torch.Generator().manual_seed(cfg.seed)
             rows = left_out.nonzero()[:, 0]
             self._index().decide(bank[rows[torch.randperm(len(rows), generator=gen)[: KCenterIndex.decide_min]]])
-        if self._n_probe() and cfg.probe_dim is not None:
-            self._probe_index()  # built here, so the first predict call does not
+        if self._n_probe():
+            self._search_index()  # the approximate search's index, built here so the first predict call does not
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
 
@@ -244,11 +244,12 @@ class PatchCore(Detector):
             self.index_ = KCenterIndex(self.memory_bank_)
         return self.index_
 
-    def _probe_index(self) -> KCenterIndex | ProjectedIVF:
-        """The index of the approximate search (``n_probe`` > 0): ``ProjectedIVF`` in ``probe_dim`` principal
-        components, built on first use and kept until ``probe_dim`` changes, or ``KCenterIndex`` (all channels)."""
+    def _search_index(self) -> KCenterIndex | ProjectedIVF:
+        """The index that predict searches: ``KCenterIndex`` for the exact search, or with ``n_probe`` > 0
+        ``ProjectedIVF`` in ``probe_dim`` principal components (``KCenterIndex`` again when ``probe_dim`` is None),
+        built on first use and kept until ``probe_dim`` changes."""
         dim = self.config.probe_dim
-        if dim is None:
+        if not self._n_probe() or dim is None:
             return self._index()
         probe = getattr(self, "probe_index_", None)
         if probe is None or probe.dim != min(dim, self.memory_bank_.shape[1]):
@@ -260,14 +261,11 @@ class PatchCore(Detector):
 
         On 2 cores this beats one call on torch's two threads: the search runs in numpy on threads of its own,
         and after each parallel torch operation OpenMP keeps its idle thread spinning for some milliseconds,
-        which took the second core from the search (bottle, n_probe=1: its search took 1.7 instead of 0.9
-        ms/image inside predict). Split, no OpenMP thread is left waiting. Results are those of one call.
+        which took the second core from the search (bottle, n_probe=1: its search took 1.7 ms/image inside
+        predict, 0.9 with OpenMP told not to spin). Split, no OpenMP thread is left waiting. Results are those of one call.
         """
         workers = min(len(images), self.config.workers or torch.get_num_threads())
-        if self._n_probe():  # the indexes are built here, not by two threads at once
-            self._probe_index()
-        else:
-            self._index()
+        self._search_index()  # built here, not by two threads at once
         if workers <= 1:
             return self._predict_part(images)
         self._backbone()
@@ -308,8 +306,7 @@ class PatchCore(Detector):
         Exact, or with ``n_probe`` approximate, each image's largest distance then made exact (``exact_max``).
         """
         b, p, c = feats.shape
-        n_probe = self._n_probe()
-        index = self._probe_index() if n_probe else self._index()
+        n_probe, index = self._n_probe(), self._search_index()
         dist, nearest = index.nearest(feats.reshape(-1, c), n_probe, indices=indices)
         dist, nearest = dist.view(b, p), None if nearest is None else nearest.view(b, p)
         if n_probe and self.config.exact_max:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from clad.ops.coreset import KCenterIndex, worker_pool
-from clad.ops.knn import knn
 
 # clusters that ``closer`` searches in all dimensions
 _CLOSER = 2
@@ -77,11 +76,6 @@ class ProjectedIVF:
         self.mean = mean.numpy()
         self.resid = self._residual(self.full, self.proj_t.T)
         self.spread = float(np.max(self.proj_sq + self.resid**2))  # largest |b - mean|^2, for float tolerances
-        self._full_t = torch.from_numpy(self.full)  # the same memory, for ``brute``
-        self._full_sq_t = torch.from_numpy(self.full_sq)
-
-    def __len__(self) -> int:
-        return len(self.full)
 
     def nearest(
         self, query: torch.Tensor, n_probe: int = 1, indices: bool = True, workers: int | None = None
@@ -104,15 +98,9 @@ class ProjectedIVF:
         dist = torch.from_numpy(np.concatenate([d for d, _ in outs]))
         return dist, torch.from_numpy(np.concatenate([r for _, r in outs])) if indices else None
 
-    def brute(self, query: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Exact nearest neighbour of each query (N, D) by brute force: (distance (N,), bank row (N,) or None)."""
-        with torch.inference_mode():
-            d, i = knn(query.detach().float().cpu(), self._full_t, k=1, indices=indices, bank_sq=self._full_sq_t)
-        return d[:, 0], None if i is None else torch.from_numpy(self.rows)[i[:, 0]]
-
     def closer(self, query: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A wider search of a few queries: the 2 closest clusters, 8 candidates in each; (distance, row or
-        None), never farther than ``nearest(query, 1)``'s (its candidate is among these).
+        """A wider search of a few queries: every row of their ``_CLOSER`` closest clusters, in all dimensions;
+        (distance, row or None), never farther than ``nearest(query, 1)``'s (its cluster is among these).
 
         On bottle's full-shot memory this leaves about 1.5 patches per image to ``exact`` in ``exact_top``,
         against 6.5 without it.
@@ -124,7 +112,7 @@ class ProjectedIVF:
 
     def exact(self, query: torch.Tensor, bound: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exact nearest neighbour of each query (N, D), given an upper bound (N,) of its distance (one that
-        ``nearest`` returned): (distance (N,), bank row (N,) or None), as ``brute`` gives them.
+        ``nearest`` returned): (distance (N,), bank row (N,) or None), as brute force gives them.
 
         Only rows whose lower bound is below the query's bound get a full-dimension distance. The bound is
         |z_q - z_b|^2 + (r_q - r_b)^2 <= |q - b|^2, with z the principal components and r the norm of the rest:
