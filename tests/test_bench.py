@@ -8,7 +8,8 @@ import math
 import pytest
 
 from clad import bench
-from clad.bench import DetectorSpec, aggregate, fmt_stat, parse_data_specs, parse_detector_spec, parse_detector_specs
+from clad.bench import aggregate, fmt_stat
+from clad.specs import parse_detector_specs, with_aux
 from clad.cli import main
 
 KNN = "patch_knn[backbone=tiny_cnn;image_size=64]@knn"
@@ -23,45 +24,12 @@ def synth(tmp_path_factory):
     return root
 
 
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def test_detector_spec_syntax():
-    assert parse_detector_spec("patchcore") == DetectorSpec("patchcore", {}, "patchcore")
-    assert parse_detector_spec("patchcore").is_plain
-    s = parse_detector_spec("clad[finetune_stages=0;finetune_text_layers=0]@clad-no-finetune")
-    assert s == DetectorSpec("clad", {"finetune_stages": 0, "finetune_text_layers": 0}, "clad-no-finetune")
-    assert not s.is_plain
-    s = parse_detector_spec('clad[loss=supervised; lr=1e-4; memory=true; layers=["stage1","stage3"]]')
-    assert s.params == {"loss": "supervised", "lr": 1e-4, "memory": True, "layers": ["stage1", "stage3"]}
-    assert s.label == 'clad[loss=supervised;lr=1e-4;memory=true;layers=["stage1","stage3"]]'  # no label: the spec
-    specs = parse_detector_specs(f'clad,{KNN},patch_knn[layers=["stage2","stage3"]]@k2')  # commas inside [] stay
-    assert [d.label for d in specs] == ["clad", "knn", "k2"]
-    assert specs[1].params == {"backbone": "tiny_cnn", "image_size": 64}
-    assert specs[2].params == {"layers": ["stage2", "stage3"]}
-    for bad in ("clad[loss]", "clad[=1]", "9clad", "clad[a=1;a=2]", "clad@x@y"):
-        with pytest.raises(ValueError):
-            parse_detector_spec(bad)
-    with pytest.raises(ValueError, match="used twice"):
-        parse_detector_specs("clad,clad")
-
-
-def test_data_and_shots_syntax(tmp_path):
-    specs = parse_data_specs(f"mvtec:{tmp_path}/m,folder:{tmp_path}/g,{tmp_path}/d,visa:{tmp_path}/v")
-    assert specs == [f"mvtec:{tmp_path}/m", f"folder:{tmp_path}/g,{tmp_path}/d", f"visa:{tmp_path}/v"]
-    with pytest.raises(ValueError):
-        parse_data_specs("imagenet:/x")
-    assert bench.parse_shots("1,2,4,all") == [1, 2, 4, None]
-    with pytest.raises(ValueError):
-        bench.parse_shots("0")
-
-
 def test_aux_sets_clad_params_and_changes_only_those_cache_keys(tmp_path):
     specs = parse_detector_specs("clad,patchcore")
-    with_aux = bench.with_aux(specs, f"mvtec:{tmp_path}/other")
-    assert with_aux[0].params == {"aux": f"mvtec:{tmp_path}/other"} and with_aux[1] == specs[1]
+    auxed = with_aux(specs, f"mvtec:{tmp_path}/other")
+    assert auxed[0].params == {"aux": f"mvtec:{tmp_path}/other"} and auxed[1] == specs[1]
     with pytest.raises(ValueError, match="none of the detectors"):
-        bench.with_aux(parse_detector_specs("patchcore"), f"mvtec:{tmp_path}")
+        with_aux(parse_detector_specs("patchcore"), f"mvtec:{tmp_path}")
 
     def key(spec):
         return bench.Run(f"mvtec:{tmp_path}", "bottle", spec, 1, 0).key(256)
@@ -69,9 +37,9 @@ def test_aux_sets_clad_params_and_changes_only_those_cache_keys(tmp_path):
     # Without aux, the aux fields change nothing, so runs cached before they existed keep their keys.
     resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", specs[0], 1, 0).settings()["resolved_params"]
     assert "aux" not in resolved and "aux_images" not in resolved and "epochs" in resolved
-    resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", with_aux[0], 1, 0).settings()["resolved_params"]
+    resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", auxed[0], 1, 0).settings()["resolved_params"]
     assert resolved["aux"] == f"mvtec:{tmp_path}/other" and resolved["aux_images"] == 32
-    assert key(with_aux[0]) != key(specs[0])
+    assert key(auxed[0]) != key(specs[0])
 
 
 # ------------------------------------------------------------------------------------------ aggregation

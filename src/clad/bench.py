@@ -33,11 +33,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from clad.specs import (DetectorSpec, dataset_name, detector_params, parse_data_specs, parse_detector_specs,
+                        parse_shots, shots_text, split_top, with_aux)
+
 RUN_FORMAT = "clad-bench-run"
 RESULTS_FORMAT = "clad-bench-results"
 KEY_FORMAT = "clad-rating-key"
 PUBLISHED_NOTE = "published (paper, 1-shot setting)"
-SCHEMES = ("mvtec", "visa", "folder")
 
 # Figures of a run that the tables aggregate: (key, label, scale for display, decimals).
 METRICS = {
@@ -91,153 +93,6 @@ PUBLISHED_TABLE4 = {"spade": 0.63, "padim": 0.66, "patchcore": 0.72, "winclip": 
 # ------------------------------------------------------------------------------------------------- parsing
 
 
-@dataclass(frozen=True)
-class DetectorSpec:
-    """One entry of ``--detectors``: a registry name, parameters, and the label used in the tables."""
-
-    name: str
-    params: dict = field(default_factory=dict)
-    label: str = ""
-
-    @property
-    def is_plain(self) -> bool:
-        """True for the registry detector with its defaults (the one the paper's numbers describe)."""
-        return not self.params and self.label == self.name
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets and quotes, so JSON values such as ``[1,2]`` stay whole."""
-    parts, depth, quote, start = [], 0, None, 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _value(text: str):
-    """JSON when it parses (numbers, true, null, lists), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-_SPEC_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?:\[(?P<params>.*)\])?\s*(?:@(?P<label>[^\s@\[\],]+))?$")
-
-
-def parse_detector_spec(text: str) -> DetectorSpec:
-    """``NAME[key=value;key=value]@LABEL`` -> DetectorSpec; the parameters and the label are optional.
-
-    Values are JSON when they parse as JSON, else strings. Without a label, the label is the spec text itself.
-    """
-    text = text.strip()
-    m = _SPEC_RE.match(text)
-    if not m:
-        raise ValueError(f"detector spec {text!r}: expected NAME[key=value;key=value]@LABEL")
-    params = {}
-    for item in _split_top(m["params"] or "", ";"):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"detector spec {text!r}: expected key=value, got {item!r}")
-        if key in params:
-            raise ValueError(f"detector spec {text!r}: parameter {key!r} given twice")
-        params[key] = _value(value.strip())
-    label = m["label"] or (text.split("@")[0].replace(" ", "") if params else m["name"])
-    return DetectorSpec(m["name"], params, label)
-
-
-def parse_detector_specs(text: str | Sequence[str]) -> list[DetectorSpec]:
-    """A comma-separated ``--detectors`` value (commas inside brackets do not split) -> specs, labels unique."""
-    items = _split_top(text, ",") if isinstance(text, str) else list(text)
-    specs = [s if isinstance(s, DetectorSpec) else parse_detector_spec(s) for s in items]
-    labels = [s.label for s in specs]
-    dupes = sorted({x for x in labels if labels.count(x) > 1})
-    if dupes:
-        raise ValueError(f"--detectors: label(s) {dupes} used twice; give each variant its own @LABEL")
-    if not specs:
-        raise ValueError("--detectors: no detector given")
-    return specs
-
-
-def with_aux(specs: list[DetectorSpec], aux: str) -> list[DetectorSpec]:
-    """The specs with ``aux`` (one dataset spec, made absolute) set on every detector that has the parameter."""
-    from clad.registry import detector_class
-
-    auxes = parse_data_specs(aux)
-    if len(auxes) != 1:
-        raise ValueError(f"--aux: expected one dataset spec, got {len(auxes)}")
-    out = []
-    for s in specs:
-        fields = getattr(detector_class(s.name).Config, "__dataclass_fields__", {})
-        if "aux" in fields and "aux" not in s.params:
-            s = dataclasses.replace(s, params={**s.params, "aux": auxes[0]})
-        out.append(s)
-    if all(o is s for o, s in zip(out, specs)):
-        raise ValueError(f"--aux: none of the detectors {[s.label for s in specs]} trains on auxiliary data")
-    return out
-
-
-def parse_data_specs(text: str | Sequence[str]) -> list[str]:
-    """``mvtec:ROOT,visa:ROOT,folder:GOOD,DEFECT,MASKS`` -> one spec per dataset, paths made absolute.
-
-    A comma starts a new dataset only when the next piece begins with a scheme (``mvtec:``, ``visa:``,
-    ``folder:``); otherwise it belongs to the folder spec before it.
-    """
-    pieces = _split_top(text, ",") if isinstance(text, str) else list(text)
-    specs: list[list[str]] = []
-    for piece in pieces:
-        scheme = piece.partition(":")[0].strip().lower()
-        if scheme in SCHEMES:
-            specs.append([piece])
-        elif specs and specs[-1][0].lower().startswith("folder:"):
-            specs[-1].append(piece)
-        else:
-            raise ValueError(f"--data: {piece!r} does not start with one of {', '.join(s + ':' for s in SCHEMES)}")
-    out = []
-    for parts in specs:
-        scheme, _, first = parts[0].partition(":")
-        paths = [first] + parts[1:]
-        out.append(f"{scheme.lower()}:" + ",".join(str(Path(p).expanduser().resolve()) for p in paths))
-    if not out:
-        raise ValueError("--data: no dataset given")
-    return out
-
-
-def dataset_name(spec: str) -> str:
-    """Short display name: ``mvtec:mvtec_ad``, ``visa:VisA``, ``folder:good``."""
-    scheme, _, rest = spec.partition(":")
-    return f"{scheme}:{Path(rest.split(',')[0]).name}"
-
-
-def parse_shots(text: str | Sequence) -> list[int | None]:
-    """``1,2,4,all`` -> [1, 2, 4, None]."""
-    items = _split_top(text, ",") if isinstance(text, str) else list(text)
-    out = []
-    for item in items:
-        if item is None or str(item).lower() == "all":
-            out.append(None)
-            continue
-        try:
-            n = int(item)
-        except ValueError:
-            raise ValueError(f"--shots: expected positive integers or 'all', got {item!r}") from None
-        if n < 1:
-            raise ValueError(f"--shots: must be >= 1, got {n}")
-        out.append(n)
-    return out
-
-
 def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str]) -> dict[str, list[str | None]]:
     """Categories per dataset. ``all`` lists each dataset's; a list keeps, per dataset, the names it has.
 
@@ -246,7 +101,7 @@ def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str
     from clad.data import list_categories
 
     wanted = None if categories in ("all", ["all"], None) else (
-        _split_top(categories, ",") if isinstance(categories, str) else list(categories))
+        split_top(categories, ",") if isinstance(categories, str) else list(categories))
     out, seen = {}, set()
     for spec in data_specs:
         if spec.startswith("folder:"):
@@ -261,10 +116,6 @@ def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str
         if missing and any(not s.startswith("folder:") for s in data_specs):
             raise ValueError(f"--categories: {missing} not found in {', '.join(map(dataset_name, data_specs))}")
     return out
-
-
-def shots_text(shots: int | None) -> str:
-    return "all" if shots is None else str(shots)
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -288,15 +139,7 @@ class Run:
 
     def detector_params(self) -> dict:
         """The parameters the detector is built with: the spec's, plus this run's seed and category."""
-        from clad.registry import detector_class
-
-        fields = getattr(detector_class(self.detector.name).Config, "__dataclass_fields__", {})
-        params = dict(self.detector.params)
-        if "seed" in fields:
-            params.setdefault("seed", self.seed)
-        if "category" in fields and self.category is not None:
-            params.setdefault("category", self.category)
-        return params
+        return detector_params(self.detector.name, self.detector.params, seed=self.seed, category=self.category)
 
     def settings(self) -> dict:
         """Everything that determines this run's figures; its hash is the cache key."""
@@ -1244,7 +1087,7 @@ def import_ratings(sheets: str | Sequence[str], key_path: str | Path) -> dict:
     """
     from clad.errors import ConfigError
 
-    paths = _split_top(sheets, ",") if isinstance(sheets, str) else [str(s) for s in sheets]
+    paths = split_top(sheets, ",") if isinstance(sheets, str) else [str(s) for s in sheets]
     key = _read_json(Path(key_path))
     if not key or key.get("format") != KEY_FORMAT:
         raise ConfigError(f"{key_path}: not a rating key written by `clad bench --rating-sheet`")

@@ -11,44 +11,21 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from clad.specs import parse_shot
+
 DEFAULT_DETECTOR = "patchcore"
 
 
-def _parse_params(items: list[str] | None) -> dict:
-    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, lists, true), else strings."""
-    params = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"clad: --param expects key=value, got {item!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
+def _build_detector(args, category: str | None = None):
+    """The detector named by ``--detector`` with ``--param``, ``--backbone``, ``--seed`` and ``--aux``."""
+    from clad.registry import create_detector
+    from clad.specs import detector_params, parse_params
 
-
-def _detector_params(args) -> dict:
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     if getattr(args, "backbone", None):
         params["backbone"] = args.backbone
-    if getattr(args, "aux", None):
-        params["aux"] = args.aux
-    if getattr(args, "seed", None) is not None:
-        params.setdefault("seed", args.seed)
-    return params
-
-
-def _build_detector(name: str, params: dict, category: str | None = None):
-    from clad.registry import create_detector, detector_class
-
-    cls = detector_class(name)
-    fields = getattr(cls.Config, "__dataclass_fields__", {})
-    if category and "category" in fields:
-        params.setdefault("category", category)
-    if "seed" not in fields:
-        params.pop("seed", None)
-    return create_detector(name, **params)
+    params = detector_params(args.detector, params, seed=args.seed, category=category, aux=getattr(args, "aux", None))
+    return create_detector(args.detector, **params)
 
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
@@ -66,28 +43,16 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--shots", default="all", help="number of normal references from train/good, or 'all' (default)")
 
 
-def _shots(value: str) -> int | None:
-    if str(value).lower() in ("all", "full", "none"):
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise SystemExit(f"clad: --shots must be a positive integer or 'all', got {value!r}")
-    if n < 1:
-        raise SystemExit(f"clad: --shots must be >= 1, got {n}")
-    return n
-
-
 # -- fit ------------------------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import load_split
 
-    train = open_dataset(args.data, args.category, "train", n_shots=_shots(args.shots), seed=args.seed)
+    train = open_dataset(args.data, args.category, "train", n_shots=parse_shot(args.shots), seed=args.seed)
     samples, failures = load_split(train, desc="loading references")
     for f in failures:
         print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
-    det = _build_detector(args.detector, _detector_params(args), args.category)
+    det = _build_detector(args, args.category)
     t0 = time.perf_counter()
     det.fit([s.image for s in samples])
     if args.threshold is not None:
@@ -205,10 +170,10 @@ def cmd_eval(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import environment, evaluate
 
-    shots = _shots(args.shots)
+    shots = parse_shot(args.shots)
     train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
     test = open_dataset(args.data, args.category, "test")
-    det = _build_detector(args.detector, _detector_params(args), args.category)
+    det = _build_detector(args, args.category)
     res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size,
                    keep_predictions=args.explain)
     pred = res.pop("_predictions", None)
@@ -244,10 +209,10 @@ def cmd_report(args) -> int:
     from clad.explain.quality import held_out_normals
     from clad.report import write_report
 
-    shots = _shots(args.shots)
+    shots = parse_shot(args.shots)
     train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
     test = open_dataset(args.data, args.category, "test")
-    det = _build_detector(args.detector, _detector_params(args), args.category)
+    det = _build_detector(args, args.category)
     res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size, keep_predictions=True)
     samples, result = res["_predictions"]["samples"], res["_predictions"]["result"]
     refs = [s.image for s in load_split(train, progress=False)[0]]

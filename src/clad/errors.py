@@ -19,3 +19,7 @@ class ConfigError(CladError, ValueError):
 
 class ModelNotFoundError(CladError, FileNotFoundError):
     """A model that must be supplied by the user (e.g. CLIP weights) is not there."""
+
+
+class SpecError(CladError, ValueError):
+    """A command-line value (parameters, shots, a dataset or detector spec) is malformed."""

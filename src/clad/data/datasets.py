@@ -283,14 +283,10 @@ class ImageFolder(ImageDataset):
 
 
 def _parse_spec(spec: str) -> tuple[str, str]:
-    scheme, sep, rest = str(spec).partition(":")
-    scheme = scheme.strip().lower()
-    if not sep or scheme not in SCHEMES or not rest:
-        raise ValueError(
-            f"unknown dataset spec {spec!r}; expected one of: mvtec:ROOT, visa:ROOT, "
-            f"folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]] (schemes: {', '.join(SCHEMES)})"
-        )
-    return scheme, rest
+    from clad.specs import split_data_spec
+
+    scheme, parts = split_data_spec(spec)
+    return scheme, ",".join(parts)
 
 
 def open_dataset(spec: str, category: str | None, split: str, n_shots: int | None = None,
@@ -303,12 +299,12 @@ def open_dataset(spec: str, category: str | None, split: str, n_shots: int | Non
     _check_split(split)
     if scheme in ("mvtec", "visa"):
         if not category:
-            raise ValueError(f"{scheme}: a category is needed; available: {', '.join(list_categories(spec))}")
+            raise DatasetError(f"{scheme}: a category is needed (--category); available: {', '.join(list_categories(spec))}")
         cls = MVTecAD if scheme == "mvtec" else VisA
         return cls(rest, category, split, n_shots=n_shots, seed=seed)
     parts = [p.strip() for p in rest.split(",")]
     if len(parts) > 3 or not all(parts):
-        raise ValueError(f"folder spec {spec!r}: expected folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
+        raise DatasetError(f"folder spec {spec!r}: expected folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
     good, defect, masks = (parts + [None, None])[:3]
     if split == "train":
         return ImageFolder(good, n_shots=n_shots, seed=seed, category=category)
