@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.coreset import single_thread
 from clad.ops.features import load_batch
 from clad.ops.smoothing import smooth_maps, smooth_working
@@ -96,10 +97,11 @@ def on_grid(feats: dict[str, torch.Tensor], layers, grid_layer: str) -> torch.Te
 
 
 @register_detector("padim")
-class PaDiM(Detector):
+class PaDiM(BackbonePatchFeatures, Detector):
     """Per-position Gaussian of normal patch features; anomaly map = Mahalanobis distance; image score = max."""
 
     Config = PaDiMConfig
+    score_is_map_max = True
 
     @torch.inference_mode()
     def _grid_features(self, arrays) -> torch.Tensor:
