@@ -12,12 +12,10 @@ Choices:
 - ``n_features`` (100) channels are drawn once from ``seed`` (the paper's random dimensionality reduction).
 - covariance: Ledoit-Wolf shrinkage toward a scaled identity, per position, then + ``eps`` I:
   ``cov = (1 - a) S + a (tr S / d) I + eps I`` with S the maximum-likelihood covariance and ``a`` the Ledoit-Wolf
-  intensity (as sklearn.covariance.ledoit_wolf; on bottle ~0.4 with 4 images, ~0.3 with 16); with one image
-  S = 0 and cov = eps I (a scaled Euclidean distance), so the covariance is always positive definite.
-  ``eps`` is in feature units: the paper's 0.01 suits its ResNet features, but efficientnet_lite0 features have
-  positions (dark background) whose variance is below 0.01, where it lets noise dominate the map. With ``eps=1``
-  (default) bottle gives image / pixel AUROC 1.000 / 0.987 full-shot (0.998 / 0.979 with 0.01) and 0.989 / 0.984
-  with 4 images (0.874 / 0.950 with 0.01).
+  intensity (as sklearn.covariance.ledoit_wolf); with one image S = 0 and cov = eps I (a scaled Euclidean
+  distance), so the covariance is always positive definite. ``eps`` is in feature units: the paper's 0.01 suits
+  its ResNet features, but efficientnet_lite0 features have positions (dark background) whose variance is below
+  0.01, where it lets noise dominate the map; ``eps=1`` is the default (benchmarks/README.md, "PaDiM's eps").
 - memory: the fit accumulates per-position moments batch by batch in float64 (never all the features at once);
   the inverse is computed once per position (Cholesky, in chunks) and stored as the precision matrix.
 """
