@@ -50,14 +50,14 @@ def measure(train, test, category: str, repeats: int, batch_size: int, rounds: i
         "PatchCore predict": best_ms(lambda: patchcore.predict(test, batch_size=batch_size), n, repeats),
         "CLAD+ predict": best_ms(lambda: plus.predict(test, batch_size=batch_size), n, repeats),
     }
-    bb = plus.backbone_
+    bb, model = plus.model_.backbone, plus.model_
     xs = [bb.preprocess(load_batch(test[i : i + batch_size])[0], plus.config.image_size) for i in range(0, n, batch_size)]
     first, last = plus.config.layers
     with torch.inference_mode():
-        stages = [plus._stage_features(x, tuned=False) for x in xs]
-        flat = [plus._combine(h1, h2).permute(0, 2, 3, 1).flatten(0, 2) for h1, h2 in stages]
+        stages = [model.stage_features(x, tuned=False) for x in xs]
+        flat = [model.combine(h1, h2).permute(0, 2, 3, 1).flatten(0, 2) for h1, h2 in stages]
         out["  backbone forward to the last stage"] = best_ms(lambda: [bb(x, [first, last]) for x in xs], n, repeats)
-        tuned = plus.tail_ is not None
+        tuned = model.tail is not None
         what = "backbone with the fine-tuned last stage, heads" if tuned else "backbone, heads"
         out[f"  language map ({what})"] = best_ms(lambda: [plus._maps(x, need_memory=False) for x in xs], n, repeats)
         if tuned:  # the memory's features need the frozen last stage too

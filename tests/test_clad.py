@@ -90,11 +90,11 @@ def test_frozen_parts_stay_frozen(tiny_clip_dir):
     det = clad.create_detector("clad", **_tiny(tiny_clip_dir))
     before = {k: v.clone() for k, v in clad.create_backbone("tiny_cnn").state_dict().items()}
     det.fit(refs)
-    after = det.backbone_.state_dict()
+    after = det.model_.backbone.state_dict()
     for k, v in before.items():  # the original backbone (used by the memory) never changes
         torch.testing.assert_close(after[k], v)
-    tuned = dict(det.tail_.named_parameters())
-    orig = dict(torch.nn.ModuleList(det.backbone_.blocks_of_stage("stage3")).named_parameters())
+    tuned = dict(det.model_.tail.named_parameters())
+    orig = dict(torch.nn.ModuleList(det.model_.backbone.blocks_of_stage("stage3")).named_parameters())
     assert any(not torch.equal(tuned[k], orig[k]) for k in tuned)  # the fine-tuned copy did move
 
 
@@ -103,7 +103,7 @@ def test_clip_image_tower_as_visual_encoder(tiny_clip_dir):
     refs = [texture((32, 32), s) for s in range(2)]
     det = clad.create_detector("clad", backbone=f"clip:{tiny_clip_dir}", layers=("block1", "last"), epochs=2, n_train_images=8)
     det.fit(refs)
-    assert det.tail_ is None and type(det.text_).__name__ == "CLIPText"
+    assert det.model_.tail is None and type(det.model_.text).__name__ == "CLIPText"
     res = det.predict([texture((32, 32), 4)])
     assert res.anomaly_maps[0].shape == (32, 32)
 
@@ -177,7 +177,7 @@ def test_many_references_keep_a_bounded_memory(tiny_clip_dir, monkeypatch):
 
 
 def test_aux_kind_maps_dataset_defect_names():
-    from clad.detectors.clad import KIND_DESCRIPTIONS, aux_kind
+    from clad.vocabulary import KIND_DESCRIPTIONS, aux_kind
 
     classes = ["normal", *KIND_DESCRIPTIONS]
     assert aux_kind("broken_large", classes) == "missing_part"
@@ -190,7 +190,7 @@ def test_aux_kind_maps_dataset_defect_names():
 
 def test_aux_defects_come_from_other_categories_only(tiny_clip_dir, tmp_path):
     from clad.data import load_image, make_synthetic_mvtec
-    from clad.detectors.clad import load_aux
+    from clad.data.auxiliary import load_aux
 
     make_synthetic_mvtec(tmp_path, category="own", n_train=2, n_test_good=1, n_test_defect=3, size=48, seed=0)
     make_synthetic_mvtec(tmp_path, category="other", n_train=2, n_test_good=1, n_test_defect=6, size=48, seed=1)

@@ -21,11 +21,11 @@ from clad.ops.prompts import (
     ANOMALOUS_STATES,
     NORMAL_STATES,
     TEMPLATES,
-    defect_prompts,
     object_name_for,
     prompt_ensemble,
     state_prompts,
 )
+from clad.vocabulary import defect_prompts
 from conftest import plant_square, texture
 
 

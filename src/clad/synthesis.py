@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-# kind -> the defect description it stands for (keys of clad.ops.prompts.DEFECT_DESCRIPTIONS-style phrases)
-KINDS = ("scratch", "crack", "hole", "stain", "cut_paste", "texture", "deformation", "missing_part")
+from clad.vocabulary import SYNTHETIC_KINDS as KINDS  # the kinds drawn here, and their descriptions
 
 
 @dataclass

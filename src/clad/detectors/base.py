@@ -44,6 +44,10 @@ class Detector:
     #: only in these can share one fit (``fit_signature``, ``adopt``), e.g. ``clad`` and ``clad_plus``.
     inference_params: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""  # default: the registry name
+    # Capabilities (``clad.detectors.capabilities``): the image score is the map's maximum (so an image threshold
+    # is a map threshold); ``add_references`` adds normal references without a refit.
+    score_is_map_max: ClassVar[bool] = False
+    can_add_references: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.config = make_config(self.Config, params, f"detector {self.name!r}")

@@ -12,12 +12,10 @@ Choices:
 - ``n_features`` (100) channels are drawn once from ``seed`` (the paper's random dimensionality reduction).
 - covariance: Ledoit-Wolf shrinkage toward a scaled identity, per position, then + ``eps`` I:
   ``cov = (1 - a) S + a (tr S / d) I + eps I`` with S the maximum-likelihood covariance and ``a`` the Ledoit-Wolf
-  intensity (as sklearn.covariance.ledoit_wolf; on bottle ~0.4 with 4 images, ~0.3 with 16); with one image
-  S = 0 and cov = eps I (a scaled Euclidean distance), so the covariance is always positive definite.
-  ``eps`` is in feature units: the paper's 0.01 suits its ResNet features, but efficientnet_lite0 features have
-  positions (dark background) whose variance is below 0.01, where it lets noise dominate the map. With ``eps=1``
-  (default) bottle gives image / pixel AUROC 1.000 / 0.987 full-shot (0.998 / 0.979 with 0.01) and 0.989 / 0.984
-  with 4 images (0.874 / 0.950 with 0.01).
+  intensity (as sklearn.covariance.ledoit_wolf); with one image S = 0 and cov = eps I (a scaled Euclidean
+  distance), so the covariance is always positive definite. ``eps`` is in feature units: the paper's 0.01 suits
+  its ResNet features, but efficientnet_lite0 features have positions (dark background) whose variance is below
+  0.01, where it lets noise dominate the map; ``eps=1`` is the default (benchmarks/README.md, "PaDiM's eps").
 - memory: the fit accumulates per-position moments batch by batch in float64 (never all the features at once);
   the inverse is computed once per position (Cholesky, in chunks) and stored as the precision matrix.
 """
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.coreset import single_thread
 from clad.ops.features import load_batch
 from clad.ops.smoothing import smooth_maps, smooth_working
@@ -96,10 +95,11 @@ def on_grid(feats: dict[str, torch.Tensor], layers, grid_layer: str) -> torch.Te
 
 
 @register_detector("padim")
-class PaDiM(Detector):
+class PaDiM(BackbonePatchFeatures, Detector):
     """Per-position Gaussian of normal patch features; anomaly map = Mahalanobis distance; image score = max."""
 
     Config = PaDiMConfig
+    score_is_map_max = True
 
     @torch.inference_mode()
     def _grid_features(self, arrays) -> torch.Tensor:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.features import load_batch, patch_embeddings
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps
@@ -27,10 +28,11 @@ class PatchKNNConfig:
 
 
 @register_detector("patch_knn")
-class PatchKNN(Detector):
+class PatchKNN(BackbonePatchFeatures, Detector):
     """Distance of each test patch to its nearest normal patch; image score is the largest patch score."""
 
     Config = PatchKNNConfig
+    score_is_map_max = True
 
     def _embed(self, arrays) -> torch.Tensor:
         bb = self._backbone()

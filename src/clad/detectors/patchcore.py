@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.ops.coreset import KCenterIndex, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, load_batch, patch_embeddings
 from clad.ops.gradcam import grad_cam
@@ -153,10 +154,11 @@ def exact_top(index: KCenterIndex | ProjectedIVF, feats: torch.Tensor, dist: tor
 
 
 @register_detector("patchcore")
-class PatchCore(Detector):
+class PatchCore(BackbonePatchFeatures, Detector):
     """Nearest-neighbour distance to a coreset of normal patch features; image score = largest patch score."""
 
     Config = PatchCoreConfig
+    score_is_map_max = from_config(lambda cfg: not cfg.reweight)  # Eq. 7 scales the largest patch score
 
     def _embed(self, arrays) -> torch.Tensor:
         """RGB arrays -> patch features (B, C, h, w)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.detectors.padim import on_grid
 from clad.ops.features import load_batch
 from clad.ops.knn import knn
@@ -46,7 +47,7 @@ class SPADEConfig:
 
 
 @register_detector("spade")
-class SPADE(Detector):
+class SPADE(BackbonePatchFeatures, Detector):
     """Image-level k-NN on global features, then pixel-level k-NN against the nearest images' feature maps."""
 
     Config = SPADEConfig

@@ -2,11 +2,12 @@
 
 ``explain(detector, images, result)`` -> one ``Explanation`` per image (regions with boxes, location words, peak,
 ranked defect types, nearest normal patch; ``.sentence``; ``.to_dict()``). ``Catalogue`` holds annotated examples
-per defect type; ``gradcam_maps`` gives Eq. 5 maps for clad / clad_plus; ``clad.explain.quality`` measures how
-often the named type is right.
+per defect type; ``gradcam_maps`` gives Eq. 5 maps of detectors that have them; ``clad.explain.quality`` measures
+how often the named type is right. What a detector offers is read from its declarations
+(``clad.detectors.capabilities``), never from its name.
 """
 from clad.explain.catalogue import Catalogue, Example
-from clad.explain.explainer import Explainer, FeatureSpace, explain, gradcam_maps, has_shared_space
+from clad.explain.explainer import Explainer, FeatureSpace, explain, gradcam_maps
 from clad.explain.explanation import Explanation, NormalMatch, Region, TypeScore
 from clad.explain.phrases import DEFECT_PHRASES, defect_descriptions, defect_phrase
 from clad.explain.regions import extract_regions, location_words
@@ -26,6 +27,5 @@ __all__ = [
     "explain",
     "extract_regions",
     "gradcam_maps",
-    "has_shared_space",
     "location_words",
 ]

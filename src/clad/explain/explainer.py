@@ -6,16 +6,16 @@ For each image (``Explainer.explain``):
    (``clad.explain.regions``). The pixel threshold is, in this order: the ``pixel_threshold`` argument; the
    99.5th percentile of the maps of the normal images given to ``fit`` (``normal_images``, else ``references``;
    memory-based detectors hold the references themselves, so pass other normal images when there are some); the
-   detector's ``threshold_`` when its score is the map's maximum (``score_is_map_max``: clad_plus, patchcore,
-   patch_knn, padim; CLAD's pooled score is on another scale); else the 99.5th percentile of the maps explained
-   in that call ("batch").
+   detector's ``threshold_`` when it declares that its score is the map's maximum (``score_is_map_max``); else
+   the 99.5th percentile of the maps explained in that call ("batch").
 2. region descriptors: the mean of the patch embeddings inside the region, each patch weighted by the share of
    it the region covers (``weighting="area"``), or by the region's map excess over the pixel threshold in it
-   (``weighting="anomaly"``, which favours the defect's core). Two spaces: "shared" (``detector.embed_patches``:
-   CLAD's image-text space) and "features" (the detector backbone's frozen, locally aggregated patch features,
-   standardised by the mean and standard deviation of normal patches: of the references when given, else of the
-   catalogue's unmasked patches). ``space="auto"``: features for the catalogue when the detector has a backbone
-   (measured better than the shared space on magnetic tile, see ``clad.explain.quality``), else shared.
+   (``weighting="anomaly"``, which favours the defect's core). Two spaces: "shared" (``detector.embed_patches``
+   of a detector with an image-text space, ``ImageTextSpace``) and "features" (``detector.patch_features`` of a
+   ``PatchFeatures`` detector, standardised by the mean and standard deviation of normal patches: of the
+   references when given, else of the catalogue's unmasked patches). ``space="auto"``: features for the
+   catalogue when the detector has them (they named magnetic-tile types better than the shared space, measured
+   with ``clad.explain.quality``), else shared.
 3. defect types, ranked by similarity s_t of the region to each type t:
    - text (shared space only): cosine of the region descriptor to the type's text embedding, the normalised mean
      of ``detector.embed_texts`` over the type's descriptions (``clad.explain.phrases.defect_descriptions``);
@@ -26,15 +26,14 @@ For each image (``Explainer.explain``):
      type's example descriptors (masked patches of each example); rule "knn": the largest cosine to any example;
    - both known: s_t = (1 - w) * text + w * catalogue, w = ``catalogue_weight`` (0.5); one known: that one (so a
      type without examples keeps its text score); no shared space and no catalogue: no ranking ("type unknown").
-   The types are ``defect_types`` (e.g. the test set's folder names) plus the catalogue's, else the detector's
-   own trained kinds (``classes_`` without "normal"). The whole image is ranked the same way (``image_types``).
+   The types are ``defect_types`` (e.g. the test set's folder names) plus the catalogue's, else the kinds the
+   detector's image-text space was trained with (``trained_descriptions``, without "normal"). The whole image is
+   ranked the same way (``image_types``).
 4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
    catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from typing import Sequence
 
@@ -42,11 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.detectors.capabilities import GradCAM, ImageTextSpace, PatchFeatures
 from clad.explain.catalogue import Catalogue
 from clad.explain.explanation import Explanation, NormalMatch, Region, TypeScore
 from clad.explain.phrases import defect_descriptions, defect_phrase
 from clad.explain.regions import MIN_AREA, extract_regions, location_words
-from clad.ops.features import load_batch, patch_embeddings
+from clad.ops.features import load_batch
 from clad.types import AnomalyResult, ImageLike
 
 NORMAL_QUANTILE = 99.5
@@ -54,56 +54,30 @@ SPACES = ("auto", "shared", "features")
 RULES = ("patches", "prototype", "knn")
 
 
-def has_shared_space(detector) -> bool:
-    """True when the detector embeds patches and texts in one space (clad, clad_plus)."""
-    return callable(getattr(detector, "embed_patches", None)) and callable(getattr(detector, "embed_texts", None))
-
-
-def score_is_map_max(detector) -> bool:
-    """True when the image score is the largest value of the map, so an image threshold is also a map threshold:
-    detectors with ``image_score="max"`` (clad_plus) and patchcore, patch_knn, padim."""
-    cfg = getattr(detector, "config", None)
-    if hasattr(cfg, "image_score"):
-        return cfg.image_score == "max"
-    return getattr(detector, "name", "") in ("patchcore", "patch_knn", "padim")
+def _name(detector) -> str:
+    return getattr(detector, "name", "") or type(detector).__name__
 
 
 def gradcam_maps(detector, images: Sequence[ImageLike], batch_size: int = 16) -> list[np.ndarray]:
-    """Grad-CAM maps (paper Eq. 5) of the detector's score, one (H_i, W_i) map per image at its own size.
-
-    Needs a detector whose score is differentiable through its backbone and which has a Grad-CAM path: clad and
-    clad_plus (``localization="gradcam"``, of ||z_v - z_t||^2), patchcore (``PatchCore.gradcam``, of the largest
-    patch distance to the memory). The detector itself is left unchanged.
-    """
-    cfg = getattr(detector, "config", None)
-    if callable(getattr(detector, "_gradcam", None)) and dataclasses.is_dataclass(cfg) and hasattr(cfg, "localization"):
-        twin = copy.copy(detector)  # shares the fitted modules, but not the config
-        twin.config = dataclasses.replace(cfg, localization="gradcam")
-        return twin.predict(list(images), batch_size=batch_size).anomaly_maps
-    if callable(getattr(detector, "gradcam", None)):
-        return detector.gradcam(list(images), batch_size=batch_size)
-    raise TypeError(
-        f"{getattr(detector, 'name', type(detector).__name__)}: Grad-CAM needs a score that is differentiable "
-        "through the backbone and a Grad-CAM path; available for clad, clad_plus and patchcore"
-    )
+    """Grad-CAM maps (paper Eq. 5) of the detector's score, one (H_i, W_i) map per image at its own size, from a
+    detector that has them (``clad.detectors.capabilities.GradCAM``). The detector itself is left unchanged."""
+    if not isinstance(detector, GradCAM):
+        raise TypeError(f"{_name(detector)}: no Grad-CAM maps (a detector has them when its score is differentiable "
+                        "through its backbone and it defines gradcam(images, batch_size))")
+    return detector.gradcam(list(images), batch_size=batch_size)
 
 
 class FeatureSpace:
-    """The detector backbone's frozen patch features (B, C, h, w), standardised once ``standardise`` has run."""
+    """A ``PatchFeatures`` detector's patch features (B, C, h, w), standardised once ``standardise`` has run."""
 
     def __init__(self, detector):
-        bb = getattr(detector, "backbone_", None)
-        if bb is None and callable(getattr(detector, "_backbone", None)):
-            bb = detector._backbone()
-        cfg = getattr(detector, "config", None)
-        layers, size = getattr(cfg, "layers", None), getattr(cfg, "image_size", None)
-        if bb is None or not layers or not size or not callable(getattr(bb, "preprocess", None)):
-            raise TypeError(f"{getattr(detector, 'name', type(detector).__name__)}: no backbone with layers and image_size")
-        self.backbone, self.layers, self.size = bb, tuple(layers)[:2], int(size)
+        if not isinstance(detector, PatchFeatures):
+            raise TypeError(f"{_name(detector)}: no patch features (patch_features(images))")
+        self.detector = detector
         self.mean = self.std = None
 
     def __call__(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        f = patch_embeddings(self.backbone, self.backbone.preprocess(arrays, self.size), self.layers)  # (B, C, h, w)
+        f = self.detector.patch_features(arrays)  # (B, C, h, w)
         if self.mean is not None:
             f = (f - self.mean[None, :, None, None]) / self.std[None, :, None, None]
         return f
@@ -175,7 +149,7 @@ class Explainer:
         the references).
         """
         det = self.detector
-        self.shared_ = has_shared_space(det)
+        self.shared_ = isinstance(det, ImageTextSpace)
         self.space_ = self._resolve_space()
         self.features_ = FeatureSpace(det) if self.space_ == "features" else None
         refs = load_batch(references)[0] if references is not None else []
@@ -191,14 +165,10 @@ class Explainer:
 
     def _resolve_space(self) -> str:
         if self.space == "shared" and not self.shared_:
-            raise TypeError(f"{self.detector.name}: has no shared image-text space (embed_patches/embed_texts)")
+            raise TypeError(f"{_name(self.detector)}: has no shared image-text space (embed_patches/embed_texts)")
         if self.space != "auto":
             return self.space
-        try:
-            FeatureSpace(self.detector)
-            has_features = True
-        except TypeError:
-            has_features = False
+        has_features = isinstance(self.detector, PatchFeatures)
         if self.shared_ and (self.catalogue is None or not has_features):
             return "shared"
         return "features" if has_features else "none"
@@ -229,7 +199,7 @@ class Explainer:
         if self.catalogue is not None:
             names += [t for t in self.catalogue.defect_types if t not in names]
         if not names and self.shared_:
-            names = [c for c in getattr(self.detector, "classes_", []) if c != "normal"]
+            names = list(dict.fromkeys(k for k, _ in self.detector.trained_descriptions() if k != "normal"))
         return [n for n in names if n != "good"]
 
     def _object(self) -> str:
@@ -244,7 +214,7 @@ class Explainer:
 
     def _text_embeddings(self) -> torch.Tensor:
         """(T, D): per type, the normalised mean of its descriptions' embeddings."""
-        prompts = list(getattr(self.detector, "prompts_", []) or [])
+        prompts = self.detector.trained_descriptions()
         rows = []
         for t in self.types_:
             texts = defect_descriptions(t, self._object(), prompts)
@@ -299,7 +269,7 @@ class Explainer:
         if normal_images is not None and len(normal_images):
             values = np.concatenate([m.ravel() for m in self._maps(normal_images)])
             return float(np.percentile(values, NORMAL_QUANTILE)), "normal images"
-        if getattr(self.detector, "threshold_", None) is not None and score_is_map_max(self.detector):
+        if getattr(self.detector, "threshold_", None) is not None and getattr(self.detector, "score_is_map_max", False):
             return float(self.detector.threshold_), "detector"
         return None, "batch"
 

@@ -1,8 +1,8 @@
-"""Prompt ensembles: WinCLIP's compositional prompts (Jeong et al., CVPR 2023, supplementary) and defect phrases.
+"""Prompt ensembles: WinCLIP's compositional prompts (Jeong et al., CVPR 2023, supplementary), and object names.
 
 A prompt is a template filled with a state word filled with the object name, e.g.
 "a cropped photo of the {}." <- "flawless {}" <- "metal nut". A class prototype is the mean of its prompts'
-normalised embeddings, normalised again.
+normalised embeddings, normalised again. Defect words live in ``clad.vocabulary``.
 """
 from __future__ import annotations
 
@@ -67,23 +67,6 @@ OBJECT_NAMES = {
     "macaroni2": "macaroni",
 }
 
-# Defect kind -> a short phrase, "{}" standing for the object name.
-DEFECT_DESCRIPTIONS = {
-    "scratch": "{} with a scratch",
-    "crack": "{} with a crack",
-    "hole": "{} with a hole",
-    "contamination": "{} with contamination",
-    "missing_part": "{} with a missing part",
-    "colour_stain": "{} with a colour stain",
-    "deformation": "deformed {}",
-    "break": "{} with a break",
-    "fray": "{} with frayed threads",
-    "blowhole": "{} with a blowhole",
-    "uneven_surface": "{} with an uneven surface",
-    "broken": "broken {}",
-}
-
-
 def object_name_for(category: str) -> str:
     """Dataset category folder -> the noun used in prompts ("metal_nut" -> "metal nut", "pcb1" -> "printed ...")."""
     key = category.strip().lower()
@@ -107,20 +90,3 @@ def prompt_ensemble(encode_fn: Callable[[list[str]], torch.Tensor], object_name:
     emb = F.normalize(encode_fn(normal + anomalous).float(), dim=-1)  # (Pn + Pa, D)
     means = emb[: len(normal)].mean(0), emb[len(normal) :].mean(0)
     return F.normalize(means[0], dim=0), F.normalize(means[1], dim=0)
-
-
-def defect_prompts(
-    object_name: str, kinds: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)
-) -> dict[str, list[str]]:
-    """Descriptions of each defect kind of ``object_name``: {kind: [template(phrase) for each template]}.
-
-    Kinds are keys of ``DEFECT_DESCRIPTIONS``; spaces may stand for underscores ("missing part").
-    """
-    out = {}
-    for kind in kinds:
-        key = kind.strip().replace(" ", "_")
-        if key not in DEFECT_DESCRIPTIONS:
-            raise KeyError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_DESCRIPTIONS)}")
-        phrase = DEFECT_DESCRIPTIONS[key].format(object_name)
-        out[kind] = [t.format(phrase) for t in templates]
-    return out
