@@ -66,6 +66,11 @@ def fmt_published(pair) -> str:
     return f"{pair[0]:.1f} ± {pair[1]:.1f}"
 
 
+def _rows(tables: dict, raw: dict, name: str, dataset: str | None = None) -> list[tuple[dict, dict]]:
+    """(row, {metric: Stat}) of ``build_tables``' table ``name``; only ``dataset``'s rows when it is given."""
+    return [(r, st) for r, (_, st) in zip(tables[name], raw[name]) if dataset is None or r["dataset"] == dataset]
+
+
 def _labels(metrics) -> list[str]:
     return [m.label for m in metrics]
 
@@ -125,9 +130,7 @@ def _table1(tables, raw, datasets) -> list[str]:
     md = ["## Table 1: detection and localisation", ""]
     for ds in datasets:
         rows = []
-        for r, (g, st) in zip(tables["table1"], raw["table1"]):
-            if r["dataset"] != ds:
-                continue
+        for r, st in _rows(tables, raw, "table1", ds):
             pub = r["published_1shot"] if r["shots"] == "1" else None
             pub_text = f"{fmt_published(pub['image_auroc'])} / {fmt_published(pub['pixel_auroc'])}" if pub else "—"
             rows.append([r["label"], r["shots"], *(fmt_stat(st[m.key], m.key) for m in cols), pub_text])
@@ -156,7 +159,7 @@ def _table2(tables, raw, det_specs) -> list[str]:
     full = {"clad": "CLAD (full)", "clad_plus": "CLAD+ (full)"}
     cols = [metrics_catalog.metric(k) for k in ("image_auroc", "pixel_auroc")]  # the paper's Table 2 columns
     rows = []
-    for r, (g, st) in zip(tables["table1"], raw["table1"]):
+    for r, st in _rows(tables, raw, "table1"):
         if r["label"] not in ab:
             continue
         spec = next(d for d in det_specs if d.label == r["label"])
@@ -185,7 +188,7 @@ def _table4(tables, raw, det_specs, pes) -> list[str]:
     plain = {d.label for d in det_specs if d.is_plain}
     md = ["## Table 4: IoU of the thresholded maps", "", IOU_TEXT.format(pes=pes), ""]
     rows = []
-    for r, (g, st) in zip(tables["table1"], raw["table1"]):
+    for r, st in _rows(tables, raw, "table1"):
         pub = paper["table4"].get(r["label"]) if (r["label"] in plain and r["shots"] == "1"
                                                    and dataset_kind(r["dataset"]) == "mvtec") else None
         rows.append([dataset_name(r["dataset"]), r["label"], r["shots"], *(fmt_stat(st[m.key], m.key) for m in cols),
@@ -199,7 +202,7 @@ def _speed(tables, raw, records, bs) -> list[str]:
     cols = [m for m in metrics_catalog.in_table("speed") if not m.only_when_measured
             or any(finite(r.get("metrics", {}).get(m.key)) for r in records)]  # no GPU: no CUDA column
     rows = []
-    for r, (g, st) in zip(tables["speed"], raw["speed"]):
+    for r, st in _rows(tables, raw, "speed"):
         spec_rec = next((x for x in records if x["settings"]["label"] == r["label"] and x.get("status") == "ok"
                          and x["settings"]["dataset"] == r["dataset"]), None)
         bb = f"{spec_rec.get('backbone')} @ {spec_rec.get('image_size')}" if spec_rec else "—"
@@ -213,9 +216,7 @@ def _per_category(tables, raw, datasets, failed) -> list[str]:
     md = ["## Per-category results", ""]
     for ds in datasets:
         rows = []
-        for r, (g, st) in zip(tables["per_category"], raw["per_category"]):
-            if r["dataset"] != ds:
-                continue
+        for r, st in _rows(tables, raw, "per_category", ds):
             n_fail = sum(1 for x in failed if (x["settings"]["dataset"], str(x["settings"]["category"]),
                                                 x["settings"]["label"], x["settings"]["shots"]) ==
                          (ds, str(r["category"]), r["label"], r["shots"]))
@@ -287,12 +288,8 @@ def write_plots(out: Path, records: Sequence[dict], det_specs: Sequence[Detector
         ax.set_xticks(x, names, fontsize=8)
         ax.set_ylabel("AUROC (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{dataset_name(ds)} / {cat} (mean ± std over seeds)", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
         name = f"plots/{slug}__auroc.png"
-        fig.savefig(out / name)
-        plt.close(fig)
+        _save(fig, ax, f"{dataset_name(ds)} / {cat} (mean ± std over seeds)", 8, out / name)
         files[(ds, cat)] = [name]
         for shots in dict.fromkeys(s for _, s in groups):
             fig, ax = plt.subplots(figsize=(3.8, 3.6), dpi=100)
@@ -318,14 +315,21 @@ def write_plots(out: Path, records: Sequence[dict], det_specs: Sequence[Detector
             ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
             ax.set_xlabel("false positive rate")
             ax.set_ylabel("true positive rate")
-            ax.set_title(f"{cat}, {shots}-shot, image ROC", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
-            fig.tight_layout()
             name = f"plots/{slug}__roc_{shots}shot.png"
-            fig.savefig(out / name)
-            plt.close(fig)
+            _save(fig, ax, f"{cat}, {shots}-shot, image ROC", 7, out / name)
             files[(ds, cat)].append(name)
     return files
+
+
+def _save(fig, ax, title: str, legend_size: int, path: Path) -> None:
+    """Title and legend on, then the figure to ``path`` (and out of matplotlib's memory)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- the files
