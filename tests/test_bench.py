@@ -4,15 +4,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from clad import bench
-from clad.bench import aggregate, fmt_stat
+from clad.bench import aggregate, fmt_stat, measure, runner
 from clad.specs import parse_detector_specs, with_aux
 from clad.cli import main
 
 KNN = "patch_knn[backbone=tiny_cnn;image_size=64]@knn"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,18 @@ def test_aux_sets_clad_params_and_changes_only_those_cache_keys(tmp_path):
     resolved = bench.Run(f"mvtec:{tmp_path}", "bottle", auxed[0], 1, 0).settings()["resolved_params"]
     assert resolved["aux"] == f"mvtec:{tmp_path}/other" and resolved["aux_images"] == 32
     assert key(auxed[0]) != key(specs[0])
+
+
+def test_cache_keys_of_runs_cached_by_earlier_versions_do_not_move():
+    """A run's file name and key, pinned: a change here would make every bench rerun its cached runs."""
+    doc = {"dataset": "mvtec:/data/mvtec_ad", "category": "bottle", "detector": "patchcore", "params": {"seed": 0},
+           "resolved_params": None, "shots": "1", "seed": 0, "clad_version": "0.3.0"}
+    assert bench.cache_key(doc, 256) == "2130497bf3ce2885"
+    run = bench.Run("mvtec:/data/mvtec_ad", "bottle", parse_detector_specs(KNN)[0], 1, 0)
+    assert run.settings()["resolved_params"] == {"backbone": "tiny_cnn", "layers": ["stage2", "stage3"],
+                                                 "image_size": 64, "max_bank": 100000, "sigma": 4.0, "seed": 0}
+    assert (run.key(256), run.key(None)) == ("52ff2bf9c07c95e7", "90a8028cce740547")
+    assert run.filename(256) == "bottle-patch_knn-shots1-seed0-52ff2bf9c07c95e7.json"
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -130,8 +144,8 @@ def test_backbone_time_is_reused_only_by_the_same_code_and_machine(synth, tmp_pa
 
     bench.run_bench(out, runs=2, **args)
     assert ratio(1) < 1e-3  # same code and machine: the cached time is used
-    real = bench.machine
-    monkeypatch.setattr(bench, "machine", lambda: dict(real(), clad="9.9.9"))
+    real = measure.machine
+    monkeypatch.setattr(measure, "machine", lambda: dict(real(), clad="9.9.9"))
     bench.run_bench(out, runs=3, **args)
     assert ratio(2) > 1e-2  # another version: measured again
     assert len(list((out / "backbone_times").glob("*.json"))) == 2
@@ -141,7 +155,7 @@ def test_interrupted_bench_goes_on_where_it_stopped(synth, tmp_path, monkeypatch
     out = tmp_path / "bench"
     args = dict(data=f"mvtec:{synth}", categories="tile", detectors=KNN, shots="1", runs=3, progress=False,
                 plots=False)
-    real, calls = bench.execute_run, []
+    real, calls = runner.execute_run, []
 
     def stop_at_second(*a, **k):
         calls.append(1)
@@ -149,11 +163,11 @@ def test_interrupted_bench_goes_on_where_it_stopped(synth, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(bench, "execute_run", stop_at_second)
+    monkeypatch.setattr(runner, "execute_run", stop_at_second)
     first = bench.run_bench(out, **args)
     assert first["interrupted"] and first["ran"] == 1
     assert "interrupted" in (out / "report.md").read_text()
-    monkeypatch.setattr(bench, "execute_run", real)
+    monkeypatch.setattr(runner, "execute_run", real)
     second = bench.run_bench(out, **args)
     assert (second["ran"], second["cached"], second["interrupted"]) == (2, 1, False)
 
@@ -268,14 +282,19 @@ def test_report_puts_published_numbers_beside_plain_detectors_and_lists_ablation
     assert [r["label"] for r in tables["table1"]] == ["clad", "clad-no-contrastive", "pc128"]
 
 
-def test_collect_rewrites_only_the_generated_part_of_the_readme(tmp_path):
-    """benchmarks/collect.py: summary by category/detector/shots, the CLAD+ target line, hand-written text kept."""
+def _collect():
+    """benchmarks/collect.py, a script, as a module."""
     import importlib.util
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("collect", Path(__file__).parents[1] / "benchmarks" / "collect.py")
+    spec = importlib.util.spec_from_file_location("collect", BENCHMARKS / "collect.py")
     collect = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(collect)
+    return collect
+
+
+def test_collect_rewrites_only_the_generated_part_of_the_readme(tmp_path):
+    """benchmarks/collect.py: summary by category/detector/shots, the CLAD+ target line, hand-written text kept."""
+    collect = _collect()
 
     def run(label, seed, auroc):
         metrics = {k: 0.5 for k in ("pixel_auroc", "aupro", "image_f1_max", "iou", "fit_seconds",
@@ -296,3 +315,40 @@ def test_collect_rewrites_only_the_generated_part_of_the_readme(tmp_path):
     assert "| tile | patchcore | 1 | 2 | 70.0 ± 14.1 |" in text  # mean and sample std over the two seeds
     # errors: PatchCore (0.4 + 0.2) / 2 = 0.3, CLAD+ 0.1: ratio 0.33, target met
     assert "ratio **0.33** (target <= 0.50: **met**)" in text
+
+
+def test_committed_report_renders_again_from_its_results_json():
+    """report.md is a function of results.json: the committed one comes back word for word."""
+    folder = BENCHMARKS / "results" / "fullshot"
+    assert bench.report_from_results(folder) == (folder / "report.md").read_text()
+
+
+def test_a_metric_declared_once_reaches_eval_the_bench_and_the_readme(synth, tmp_path, monkeypatch, capsys):
+    """One MetricSpec (and the figure computed) is all it takes: eval's printout, results.json, report.md and
+    benchmarks/collect.py's summary show it."""
+    import clad.metrics
+    from clad import metrics_catalog
+    from clad.metrics_catalog import MetricSpec
+
+    real = clad.metrics.evaluate
+    monkeypatch.setattr(clad.metrics, "evaluate", lambda *a, **k: dict(real(*a, **k), pixel_dice=0.25))
+    dice = MetricSpec("pixel_dice", "pixel Dice", 100, 1, table="table1", per_category=True, summary_decimals=1)
+    monkeypatch.setattr(metrics_catalog, "METRICS", metrics_catalog.METRICS + (dice,))
+
+    assert main(["eval", "--data", f"mvtec:{synth}", "--category", "tile", "--shots", "1", "--detector", "patch_knn",
+                 "--backbone", "tiny_cnn", "--param", "image_size=64"]) == 0
+    assert "  pixel Dice             0.2500\n" in capsys.readouterr().out
+
+    out = tmp_path / "bench"
+    bench.run_bench(out, f"mvtec:{synth}", "tile", KNN, "1", 1, progress=False, plots=False)
+    assert json.loads((out / "results.json").read_text())["tables"]["table1"][0]["pixel_dice"]["mean"] == 0.25
+    report = (out / "report.md").read_text()
+    table1, per_category = report.split("## Table 1")[1].split("## Table 2")[0], report.split("## Per-category")[1]
+    summary = _collect().generate([out], tmp_path)
+    for text, header_start, row_start in ((table1, "| detector |", "| knn |"),
+                                          (per_category, "| category |", "| tile |"),
+                                          (summary, "| category |", "| tile |")):
+        lines = text.splitlines()
+        header = [c.strip() for c in next(line for line in lines if line.startswith(header_start)).split("|")]
+        row = [c.strip() for c in next(line for line in lines if line.startswith(row_start)).split("|")]
+        assert row[header.index("pixel Dice")] == "25.0"

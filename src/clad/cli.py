@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from clad.metrics_catalog import eval_rows
 from clad.specs import parse_shot
 
 DEFAULT_DETECTOR = "patchcore"
@@ -151,21 +152,6 @@ def _explainer(det, args):
 
 
 # -- eval -----------------------------------------------------------------------------------------------------
-EVAL_ROWS = [
-    ("image AUROC", "image_auroc"),
-    ("pixel AUROC", "pixel_auroc"),
-    ("AUPRO (FPR<=0.3)", "aupro"),
-    ("image F1-max", "image_f1_max"),
-    ("pixel F1-max", "pixel_f1_max"),
-    ("image AP", "image_ap"),
-    ("pixel AP", "pixel_ap"),
-    ("IoU", "iou"),
-    ("mean IoU (defective)", "mean_iou"),
-    ("fit time (s)", "fit_seconds"),
-    ("predict (ms/image)", "predict_ms_per_image"),
-]
-
-
 def cmd_eval(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import environment, evaluate
@@ -180,7 +166,7 @@ def cmd_eval(args) -> int:
     res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
     name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
     print(name)
-    for label, key in EVAL_ROWS:
+    for label, key in eval_rows():  # every figure declared in clad.metrics_catalog
         v = res.get(key)
         print(f"  {label:<22} {v:.4f}" if isinstance(v, float) else f"  {label:<22} {v}")
     print(f"  IoU threshold          {res.get('iou_threshold', float('nan')):.4g} ({res.get('iou_threshold_source')})")
