@@ -88,9 +88,10 @@ def shots_text(shots: int | None) -> str:
 
 
 def dataset_schemes() -> tuple[str, ...]:
-    from clad.data.datasets import SCHEMES
+    """The registered dataset schemes (``mvtec``, ``visa``, ``folder`` and any plugin's)."""
+    from clad.registry import datasets
 
-    return tuple(SCHEMES)
+    return tuple(datasets.names())
 
 
 def split_data_spec(spec: str) -> tuple[str, list[str]]:
