@@ -74,7 +74,10 @@ class Registry(Generic[T]):
         self._fill()
         for name, entry in list(self._entries.items()):
             if isinstance(entry, EntryPoint) and entry.attr == getattr(obj, "__name__", None):
-                entry = self.get(name)
+                try:
+                    entry = self.get(name)
+                except PluginError:  # another package's broken entry is not this object
+                    continue
             if entry is obj:
                 return name
         return None
@@ -112,7 +115,7 @@ class Registry(Generic[T]):
                 self._plugins.add(ep.name)
             elif not _same(old, ep):  # the same entry point seen twice (one package on sys.path twice) is fine
                 warnings.warn(f"{self.group}: entry point {ep.name} = {ep.value} ignored: "
-                              f"{ep.name!r} is already {_describe(old)}", stacklevel=3)
+                              f"{ep.name!r} is taken by {_describe(old)}", stacklevel=3)
 
     def _load(self, name: str, ep: EntryPoint):
         if name not in self._plugins:

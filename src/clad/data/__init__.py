@@ -1,5 +1,6 @@
 """Datasets (MVTec AD, VisA, image folders), a synthetic MVTec-layout set, and robust image/mask reading."""
 from clad.data.datasets import (
+    DatasetScheme,
     ImageDataset,
     ImageFolder,
     MVTecAD,
@@ -12,6 +13,7 @@ from clad.data.io import as_rgb, load_image, load_mask
 from clad.data.synthetic import make_synthetic_mvtec, synthetic_images
 
 __all__ = [
+    "DatasetScheme",
     "ImageDataset",
     "ImageFolder",
     "MVTecAD",
