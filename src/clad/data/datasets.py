@@ -329,8 +329,8 @@ VISA = DatasetScheme(VisA, _visa_categories)
 FOLDER = DatasetScheme(_open_folder)
 
 
-def _scheme(spec: str) -> tuple[str, DatasetScheme, str]:
-    """``"mvtec:ROOT"`` -> ("mvtec", its DatasetScheme, "ROOT")."""
+def resolve_dataset_spec(spec: str) -> tuple[str, DatasetScheme, str]:
+    """``"mvtec:ROOT"`` -> ("mvtec", its registered DatasetScheme, "ROOT")."""
     name, parts = split_data_spec(spec)
     return name, dataset_schemes.get(name), ",".join(parts)
 
@@ -340,7 +340,7 @@ def open_dataset(spec: str, category: str | None, split: str, n_shots: int | Non
     """Open a dataset from a command-line spec: "mvtec:ROOT", "visa:ROOT", "folder:GOOD[,DEFECT[,MASKS]]" or the
     scheme of a registered plugin. A scheme with categories needs ``category``.
     """
-    name, scheme, location = _scheme(spec)
+    name, scheme, location = resolve_dataset_spec(spec)
     _check_split(split)
     if scheme.categories is not None and not category:
         raise DatasetError(f"{name}: a category is needed (--category); available: "
@@ -350,7 +350,7 @@ def open_dataset(spec: str, category: str | None, split: str, n_shots: int | Non
 
 def list_categories(spec: str) -> list[str]:
     """Categories of a "mvtec:ROOT" (subfolders holding train/good) or "visa:ROOT" (objects in its csv) spec."""
-    name, scheme, location = _scheme(spec)
+    name, scheme, location = resolve_dataset_spec(spec)
     if scheme.categories is None:
         raise ValueError(f"{name}: datasets have no categories")
     return scheme.categories(location)
