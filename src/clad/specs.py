@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,12 @@ def parse_shots(text: str | Sequence) -> list[int | None]:
 
 def shots_text(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
+
+
+def shots_order(text: str) -> float:
+    """Sort key of a shots text: the numbers in order, ``all`` last."""
+    n = parse_shot(text)
+    return math.inf if n is None else n
 
 
 # ------------------------------------------------------------------------------------------------ datasets

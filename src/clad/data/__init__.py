@@ -8,6 +8,7 @@ from clad.data.datasets import (
     few_shot_paths,
     list_categories,
     open_dataset,
+    resolve_dataset_spec,
 )
 from clad.data.io import as_rgb, load_image, load_mask
 from clad.data.synthetic import make_synthetic_mvtec, synthetic_images
@@ -25,5 +26,6 @@ __all__ = [
     "load_mask",
     "make_synthetic_mvtec",
     "open_dataset",
+    "resolve_dataset_spec",
     "synthetic_images",
 ]
