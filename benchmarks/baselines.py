@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clad.data.io import load_batch
 from clad.detectors.patchcore import PatchCore, exact_top
 from clad.ops.coreset import coverage_radius, worker_pool
-from clad.ops.features import aggregate, load_batch
+from clad.ops.features import aggregate
 from clad.ops.smoothing import smooth_maps
 from clad.registry import create_backbone
 

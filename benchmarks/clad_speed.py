@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from baselines import describe, load_category, paired_ratio
+from clad.data.io import load_batch
 from clad.detectors.clad import CLADPlus
 from clad.detectors.patchcore import PatchCore
-from clad.ops.features import load_batch
 
 REPO = Path(__file__).resolve().parents[1]
 

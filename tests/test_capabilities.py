@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import clad
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import AddsReferences, GradCAM, ImageTextSpace, PatchFeatures
 from clad.explain import Catalogue, Example, Explainer, explain, gradcam_maps
-from clad.ops.features import load_batch
 from conftest import plant_square
 
 EXPLAIN = Path(clad.__file__).parent / "explain"

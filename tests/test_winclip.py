@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import clad
 from clad.backbones.clip import build_random_clip
+from clad.data.io import load_batch
 from clad.errors import ConfigError
 from clad.detectors.winclip import (
     anomaly_probability,
@@ -16,7 +17,6 @@ from clad.detectors.winclip import (
     visual_score,
     window_masks,
 )
-from clad.ops.features import load_batch
 from clad.ops.prompts import (
     ANOMALOUS_STATES,
     NORMAL_STATES,

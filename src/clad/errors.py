@@ -23,3 +23,7 @@ class ModelNotFoundError(CladError, FileNotFoundError):
 
 class SpecError(CladError, ValueError):
     """A command-line value (parameters, shots, a dataset or detector spec) is malformed."""
+
+
+class PluginError(CladError, ImportError):
+    """A detector, backbone, text encoder or dataset scheme from another package (an entry point) fails to load."""

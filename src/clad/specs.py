@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,13 +85,20 @@ def shots_text(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
+def shots_order(text: str) -> float:
+    """Sort key of a shots text: the numbers in order, ``all`` last."""
+    n = parse_shot(text)
+    return math.inf if n is None else n
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 
 
 def dataset_schemes() -> tuple[str, ...]:
-    from clad.data.datasets import SCHEMES
+    """The registered dataset schemes (``mvtec``, ``visa``, ``folder`` and any plugin's)."""
+    from clad.registry import datasets
 
-    return tuple(SCHEMES)
+    return tuple(datasets.names())
 
 
 def split_data_spec(spec: str) -> tuple[str, list[str]]:

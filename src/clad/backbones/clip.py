@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from clad.backbones.base import Backbone, FeatureInfo
 from clad.errors import ModelNotFoundError
-from clad.registry import register_backbone
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,7 +185,6 @@ class CLIPBackbone(Backbone):
         return F.normalize(self.text_features(self.tokenize(texts)), dim=-1)
 
 
-@register_backbone("clip")
 def clip(source: str | None = None) -> CLIPBackbone:
     if not source:
         raise ModelNotFoundError(f"the clip backbone needs the weights' location; {_HOW}")

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from clad.backbones.base import Backbone, FeatureInfo
 from clad.errors import ModelNotFoundError
-from clad.registry import register_backbone
 
 # Index of the last MBConv block of each stage, and what it yields (channels, stride), for lite0.
 _STAGES = {"stage1": (2, 24, 4), "stage2": (4, 40, 8), "stage3": (10, 112, 16), "stage4": (15, 320, 32)}
@@ -160,6 +159,5 @@ def _fused_block(block: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@register_backbone("efficientnet_lite0")
 def efficientnet_lite0(pretrained: bool = True, normalization: str = "imagenet") -> EfficientNetLite0:
     return EfficientNetLite0(pretrained=pretrained, normalization=normalization)

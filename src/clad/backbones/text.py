@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clad.errors import ModelNotFoundError
+from clad.registry import create_backbone, create_text_encoder, list_text_encoders  # noqa: F401 (re-exported)
 
 
 class TextEncoder(nn.Module):
@@ -111,28 +112,13 @@ class CLIPText(TextEncoder):
         return list(self.text_model.encoder.layers)
 
 
-def _minilm(source: str | None = None) -> MiniLMText:
+def minilm(source: str | None = None) -> MiniLMText:
+    """The ``minilm`` text encoder (takes no argument)."""
     if source:
         raise ValueError(f"the 'minilm' text encoder takes no argument, got {source!r}")
     return MiniLMText()
 
 
-def _clip_text(source: str | None = None) -> CLIPText:
-    from clad.registry import create_backbone
-
+def clip_text(source: str | None = None) -> CLIPText:
+    """The ``clip[:PATH]`` text encoder: the text tower of the CLIP backbone at PATH."""
     return CLIPText(create_backbone(f"clip:{source}" if source else "clip"))
-
-
-_TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": _minilm, "clip": _clip_text}
-
-
-def list_text_encoders() -> list[str]:
-    return sorted(_TEXT_ENCODERS)
-
-
-def create_text_encoder(spec: str) -> TextEncoder:
-    """Build a text encoder from ``minilm`` or ``clip:PATH``."""
-    name, _, arg = spec.partition(":")
-    if name not in _TEXT_ENCODERS:
-        raise KeyError(f"unknown text encoder {name!r}; available: {', '.join(list_text_encoders())}")
-    return _TEXT_ENCODERS[name](arg or None).eval()

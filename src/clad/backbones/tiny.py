@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from clad.backbones.base import Backbone, FeatureInfo
-from clad.registry import register_backbone
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -57,6 +56,5 @@ class TinyCNN(Backbone):
         return [self.stages[int(stage[-1]) - 1]]
 
 
-@register_backbone("tiny_cnn")
 def tiny_cnn(seed: int = 0, width: int = 8) -> TinyCNN:
     return TinyCNN(seed=seed, width=width)

@@ -14,7 +14,7 @@ import numpy as np
 from clad import metrics_catalog
 from clad.bench.paper import published
 from clad.bench.plan import dataset_kind
-from clad.specs import DetectorSpec
+from clad.specs import DetectorSpec, shots_order
 
 
 @dataclass
@@ -112,7 +112,7 @@ def build_tables(records: Sequence[dict], det_specs: Sequence[DetectorSpec]) -> 
 
     def sort_key(g):
         *head, label, shots = g
-        return (*head, order.get(label, 99), 10**6 if shots == "all" else int(shots))
+        return (*head, order.get(label, 99), shots_order(shots))
 
     def stats(metrics, by):
         agg = {m: aggregate(records, m, by) for m in metrics}

@@ -23,13 +23,13 @@ def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str
 
     Folder datasets have one unnamed category (None). A listed name that no dataset has is an error.
     """
-    from clad.data import list_categories
+    from clad.data import list_categories, resolve_dataset_spec
 
     wanted = None if categories in ("all", ["all"], None) else (
         split_top(categories, ",") if isinstance(categories, str) else list(categories))
     out, seen = {}, set()
     for spec in data_specs:
-        if spec.startswith("folder:"):
+        if resolve_dataset_spec(spec)[1].categories is None:  # one unnamed category
             out[spec] = [None]
             continue
         have = list_categories(spec)

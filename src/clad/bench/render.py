@@ -18,7 +18,7 @@ from clad.bench.aggregate import aggregate, build_tables, finite, fmt_stat, fmt_
 from clad.bench.files import write_json
 from clad.bench.paper import published
 from clad.bench.plan import dataset_kind, n_planned_runs
-from clad.specs import DetectorSpec, dataset_name
+from clad.specs import DetectorSpec, dataset_name, shots_order
 
 RESULTS_FORMAT = "clad-bench-results"
 
@@ -270,7 +270,7 @@ def write_plots(out: Path, records: Sequence[dict], det_specs: Sequence[Detector
     for ds, cat in dict.fromkeys((r["settings"]["dataset"], r["settings"]["category"]) for r in records):
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset_name(ds)}__{cat}")
         groups = sorted({g[2:] for g in img if g[:2] == (ds, cat)},
-                        key=lambda x: (order.get(x[0], 99), 10**6 if x[1] == "all" else int(x[1])))
+                        key=lambda x: (order.get(x[0], 99), shots_order(x[1])))
         if not groups:
             continue
         names = [lab if len({s for _, s in groups}) == 1 else f"{lab}\n{s}-shot" for lab, s in groups]

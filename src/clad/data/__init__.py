@@ -1,5 +1,6 @@
 """Datasets (MVTec AD, VisA, image folders), a synthetic MVTec-layout set, and robust image/mask reading."""
 from clad.data.datasets import (
+    DatasetScheme,
     ImageDataset,
     ImageFolder,
     MVTecAD,
@@ -7,11 +8,13 @@ from clad.data.datasets import (
     few_shot_paths,
     list_categories,
     open_dataset,
+    resolve_dataset_spec,
 )
 from clad.data.io import as_rgb, load_image, load_mask
 from clad.data.synthetic import make_synthetic_mvtec, synthetic_images
 
 __all__ = [
+    "DatasetScheme",
     "ImageDataset",
     "ImageFolder",
     "MVTecAD",
@@ -23,5 +26,6 @@ __all__ = [
     "load_mask",
     "make_synthetic_mvtec",
     "open_dataset",
+    "resolve_dataset_spec",
     "synthetic_images",
 ]

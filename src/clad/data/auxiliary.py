@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from clad.data.datasets import list_categories, open_dataset
+from clad.data.datasets import list_categories, open_dataset, resolve_dataset_spec
 
 
 def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: int):
@@ -16,8 +16,7 @@ def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: i
     Returns (images (size, size, 3) uint8, masks (size, size) bool, defect types). An unreadable image or mask is
     skipped with a warning naming it.
     """
-    scheme = spec.split(":", 1)[0]
-    if scheme == "folder":
+    if resolve_dataset_spec(spec)[1].categories is None:  # e.g. folder: one set, no categories
         sets = [open_dataset(spec, None, "test")]
     else:
         if not exclude_category:

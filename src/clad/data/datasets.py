@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from clad.data.io import is_image_file, load_image, load_mask
 from clad.errors import DatasetError
+from clad.registry import datasets as dataset_schemes
+from clad.specs import split_data_spec
 from clad.types import Sample
 
 SPLITS = ("train", "test")
-SCHEMES = ("mvtec", "visa", "folder")
 VISA_CSV = Path("split_csv") / "1cls.csv"
 
 
@@ -282,29 +285,37 @@ class ImageFolder(ImageDataset):
         return found
 
 
-def _parse_spec(spec: str) -> tuple[str, str]:
-    from clad.specs import split_data_spec
+@dataclass(frozen=True)
+class DatasetScheme:
+    """How a ``SCHEME:LOCATION`` dataset spec opens: what the ``clad.datasets`` registry holds per scheme.
 
-    scheme, parts = split_data_spec(spec)
-    return scheme, ",".join(parts)
-
-
-def open_dataset(spec: str, category: str | None, split: str, n_shots: int | None = None,
-                 seed: int = 0) -> ImageDataset:
-    """Open a dataset from a command-line spec: "mvtec:ROOT", "visa:ROOT" or "folder:GOOD[,DEFECT[,MASKS]]".
-
-    For "folder:", split="train" is the good images (``n_shots`` of them) and split="test" good + defect.
+    open(location, category, split, n_shots=, seed=) -> ImageDataset. categories(location) -> the category
+    names, or None for a scheme without categories (then ``category`` is optional).
     """
-    scheme, rest = _parse_spec(spec)
-    _check_split(split)
-    if scheme in ("mvtec", "visa"):
-        if not category:
-            raise DatasetError(f"{scheme}: a category is needed (--category); available: {', '.join(list_categories(spec))}")
-        cls = MVTecAD if scheme == "mvtec" else VisA
-        return cls(rest, category, split, n_shots=n_shots, seed=seed)
-    parts = [p.strip() for p in rest.split(",")]
+
+    open: Callable[..., ImageDataset]
+    categories: Callable[[str], list[str]] | None = None
+
+
+def _mvtec_categories(location: str) -> list[str]:
+    """Subfolders of an MVTec AD root that hold train/good."""
+    root = Path(location)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (MVTec AD root)")
+    return sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir())
+
+
+def _visa_categories(location: str) -> list[str]:
+    """Objects named in a VisA root's split csv."""
+    return sorted({r["object"] for r in _read_visa_csv(Path(location))})
+
+
+def _open_folder(location: str, category: str | None, split: str, n_shots: int | None = None,
+                 seed: int = 0) -> ImageFolder:
+    """``GOOD[,DEFECT[,MASKS]]``: split="train" is the good images (``n_shots`` of them), "test" good + defect."""
+    parts = [p.strip() for p in location.split(",")]
     if len(parts) > 3 or not all(parts):
-        raise DatasetError(f"folder spec {spec!r}: expected folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
+        raise DatasetError(f"folder spec {'folder:' + location!r}: expected folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
     good, defect, masks = (parts + [None, None])[:3]
     if split == "train":
         return ImageFolder(good, n_shots=n_shots, seed=seed, category=category)
@@ -313,14 +324,33 @@ def open_dataset(spec: str, category: str | None, split: str, n_shots: int | Non
     return ImageFolder(good, defect, masks, category=category)
 
 
+MVTEC = DatasetScheme(MVTecAD, _mvtec_categories)
+VISA = DatasetScheme(VisA, _visa_categories)
+FOLDER = DatasetScheme(_open_folder)
+
+
+def resolve_dataset_spec(spec: str) -> tuple[str, DatasetScheme, str]:
+    """``"mvtec:ROOT"`` -> ("mvtec", its registered DatasetScheme, "ROOT")."""
+    name, parts = split_data_spec(spec)
+    return name, dataset_schemes.get(name), ",".join(parts)
+
+
+def open_dataset(spec: str, category: str | None, split: str, n_shots: int | None = None,
+                 seed: int = 0) -> ImageDataset:
+    """Open a dataset from a command-line spec: "mvtec:ROOT", "visa:ROOT", "folder:GOOD[,DEFECT[,MASKS]]" or the
+    scheme of a registered plugin. A scheme with categories needs ``category``.
+    """
+    name, scheme, location = resolve_dataset_spec(spec)
+    _check_split(split)
+    if scheme.categories is not None and not category:
+        raise DatasetError(f"{name}: a category is needed (--category); available: "
+                           f"{', '.join(scheme.categories(location))}")
+    return scheme.open(location, category, split, n_shots=n_shots, seed=seed)
+
+
 def list_categories(spec: str) -> list[str]:
     """Categories of a "mvtec:ROOT" (subfolders holding train/good) or "visa:ROOT" (objects in its csv) spec."""
-    scheme, rest = _parse_spec(spec)
-    root = Path(rest)
-    if scheme == "mvtec":
-        if not root.is_dir():
-            raise DatasetError(f"{root}: no such folder (MVTec AD root)")
-        return sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir())
-    if scheme == "visa":
-        return sorted({r["object"] for r in _read_visa_csv(root)})
-    raise ValueError("folder: datasets have no categories")
+    name, scheme, location = resolve_dataset_spec(spec)
+    if scheme.categories is None:
+        raise ValueError(f"{name}: datasets have no categories")
+    return scheme.categories(location)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -135,3 +136,9 @@ def as_rgb(image: ImageLike) -> np.ndarray:
         alpha = a[..., 3:].astype(np.float32) / 255.0
         a = np.round(a[..., :3] * alpha).astype(np.uint8)
     return np.ascontiguousarray(a)
+
+
+def load_batch(images: Sequence[ImageLike]) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Decode images once: their (H, W, 3) uint8 RGB arrays and their (H, W)."""
+    arrays = [as_rgb(im) for im in images]
+    return arrays, [a.shape[:2] for a in arrays]

@@ -50,6 +50,11 @@ class Detector:
     can_add_references: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
+        cls = type(self)
+        if "name" not in vars(cls):  # built directly, not through the registry: saved models need the name
+            from clad.registry import detectors
+
+            cls.name = detectors.name_of(cls) or cls.name
         self.config = make_config(self.Config, params, f"detector {self.name!r}")
         self.threshold_: float | None = None
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkabl
 import numpy as np
 import torch
 
-from clad.ops.features import load_batch, patch_embeddings
+from clad.data.io import load_batch
+from clad.ops.features import patch_embeddings
 from clad.types import ImageLike
 
 if TYPE_CHECKING:

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.coreset import single_thread
-from clad.ops.features import load_batch
 from clad.ops.smoothing import smooth_maps, smooth_working
-from clad.registry import register_detector
 
 _POSITION_CHUNK = 256  # positions whose d x d matrices are processed at once
 
@@ -94,7 +93,6 @@ def on_grid(feats: dict[str, torch.Tensor], layers, grid_layer: str) -> torch.Te
     return torch.cat(maps, dim=1)
 
 
-@register_detector("padim")
 class PaDiM(BackbonePatchFeatures, Detector):
     """Per-position Gaussian of normal patch features; anomaly map = Mahalanobis distance; image score = max."""
 

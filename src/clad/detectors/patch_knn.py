@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures
-from clad.ops.features import load_batch, patch_embeddings
+from clad.ops.features import patch_embeddings
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps
-from clad.registry import register_detector
 
 
 @dataclass
@@ -27,7 +27,6 @@ class PatchKNNConfig:
         self.layers = tuple(self.layers)
 
 
-@register_detector("patch_knn")
 class PatchKNN(BackbonePatchFeatures, Detector):
     """Distance of each test patch to its nearest normal patch; image score is the largest patch score."""
 

@@ -34,15 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.ops.coreset import KCenterIndex, greedy_coreset, worker_pool
-from clad.ops.features import aggregate, load_batch, patch_embeddings
+from clad.ops.features import aggregate, patch_embeddings
 from clad.ops.gradcam import grad_cam
 from clad.ops.ivf import ProjectedIVF, one_blas_thread
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps
-from clad.registry import register_detector
 
 
 @dataclass
@@ -153,7 +153,6 @@ def exact_top(index: KCenterIndex | ProjectedIVF, feats: torch.Tensor, dist: tor
     return searched
 
 
-@register_detector("patchcore")
 class PatchCore(BackbonePatchFeatures, Detector):
     """Nearest-neighbour distance to a coreset of normal patch features; image score = largest patch score."""
 

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.detectors.padim import on_grid
-from clad.ops.features import load_batch
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps
-from clad.registry import register_detector
 
 _GALLERY_ROWS = 64 * 1024  # gallery rows gathered at once for one test image (64k x 176 floats = 45 MB)
 
@@ -46,7 +45,6 @@ class SPADEConfig:
         self.layers = tuple(self.layers)
 
 
-@register_detector("spade")
 class SPADE(BackbonePatchFeatures, Detector):
     """Image-level k-NN on global features, then pixel-level k-NN against the nearest images' feature maps."""
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.errors import ConfigError
-from clad.ops.features import load_batch
 from clad.ops.knn import knn
 from clad.ops.prompts import object_name_for, prompt_ensemble
 from clad.ops.smoothing import smooth_maps
-from clad.registry import create_backbone, register_detector
+from clad.registry import create_backbone
 
 EPS = 1e-12  # floor of scores before 1/x in harmonic means (softmax at T = 0.07 can underflow to 0)
 
@@ -88,7 +88,6 @@ class WinCLIPConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
-@register_detector("winclip")
 class WinCLIP(Detector):
     """WinCLIP (zero-shot) or WinCLIP+ (few-shot, ``few_shot=True``) on a Hugging Face CLIP model."""
 

@@ -41,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.data.io import load_batch
 from clad.detectors.capabilities import GradCAM, ImageTextSpace, PatchFeatures
 from clad.explain.catalogue import Catalogue
 from clad.explain.explanation import Explanation, NormalMatch, Region, TypeScore
 from clad.explain.phrases import defect_descriptions, defect_phrase
 from clad.explain.regions import MIN_AREA, extract_regions, location_words
-from clad.ops.features import load_batch
+from clad.ops.features import patch_embeddings
 from clad.types import AnomalyResult, ImageLike
 
 NORMAL_QUANTILE = 99.5

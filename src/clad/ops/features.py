@@ -1,25 +1,18 @@
 """Shared patch-feature extraction: multi-scale maps -> one grid of patch embeddings."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from clad.backbones.base import Backbone
-from clad.data.io import as_rgb
-from clad.types import ImageLike
-
-
-def load_batch(images: Sequence[ImageLike]) -> tuple[list, list[tuple[int, int]]]:
-    """Decode images once; return RGB arrays and their (H, W)."""
-    arrays = [as_rgb(im) for im in images]
-    return arrays, [a.shape[:2] for a in arrays]
+# A visual backbone as these functions use it: (batch (B, 3, S, S), layer names) -> {name: (B, C, h, w)}.
+FeatureExtractor = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 
 
 @torch.inference_mode()
 def patch_embeddings(
-    backbone: Backbone,
+    backbone: FeatureExtractor,
     x: torch.Tensor,
     layers: Sequence[str],
     neighbourhood: int = 3,

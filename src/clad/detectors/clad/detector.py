@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.data.io import load_batch
 from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.detectors.clad import calibration
@@ -20,14 +21,11 @@ from clad.detectors.clad.config import CLADConfig, CLADPlusConfig
 from clad.detectors.clad.model import CLADModel
 from clad.detectors.clad.training import train
 from clad.ops.coreset import KCenterIndex
-from clad.ops.features import load_batch
 from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps, smooth_working
-from clad.registry import register_detector
 
 
-@register_detector("clad")
 class CLAD(BackbonePatchFeatures, Detector):
     """The paper's CLAD: language-aligned patch and image embeddings trained with Eq. 3 (+ Eq. 7).
 
@@ -219,7 +217,6 @@ class CLAD(BackbonePatchFeatures, Detector):
         self.aux_types_ = list(meta.get("aux_types", []))
 
 
-@register_detector("clad_plus")
 class CLADPlus(CLAD):
     """CLAD+ : CLAD fused with a few-shot patch memory of the references (beyond the paper)."""
 
