@@ -19,6 +19,9 @@ from clad.types import Prediction
 
 
 class Sink(Protocol):
+    """What the flow calls: ``open`` before the first batch, ``write`` per batch of predictions, ``write_error``
+    per file that could not be used, ``close`` once at the end with the run's ``Summary``."""
+
     def open(self) -> None: ...
 
     def write(self, batch: Sequence[Prediction]) -> None: ...

@@ -67,7 +67,7 @@ def _names(paths: Sequence[str | Path], root: str | Path | None) -> list[str]:
     names = []
     for p, a in zip(paths, absolute):
         rel = os.path.relpath(a, root)
-        if rel.startswith(os.pardir):
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
             raise DatasetError(f"{p}: not inside {root}")
         names.append(Path(rel).as_posix())
     return names
