@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from clad.metrics_catalog import eval_rows
 from clad.specs import parse_shot
@@ -64,81 +62,31 @@ def cmd_fit(args) -> int:
 
 
 # -- predict --------------------------------------------------------------------------------------------------
-def _list_inputs(path: Path) -> tuple[Path, list[Path]]:
-    from clad.data.io import IMAGE_SUFFIXES
-
-    if path.is_file():
-        return path.parent, [path]
-    if not path.is_dir():
-        raise SystemExit(f"clad: {path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SystemExit(f"clad: {path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return path, files
-
-
 def cmd_predict(args) -> int:
-    from clad.data.io import load_image
     from clad.detectors.base import load_detector
-    from clad.errors import CladError
+    from clad.pipeline import (ErrorLog, ErrorsCSV, ExplanationsJSON, HTMLReport, MapsNpy, Pipeline, PredictionsCSV,
+                               open_source)
 
     det = load_detector(args.model)
     if args.threshold is not None:
         det.set_threshold(args.threshold)
-    root, files = _list_inputs(Path(args.input))
+    source = open_source(args.input)
     out = Path(args.out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    has_threshold = det.threshold_ is not None
-    header = ["path", "score"] + (["label"] if has_threshold else [])
-    n_ok, n_bad = 0, 0
-    explainer, explained, shown = _explainer(det, args), [], []
-    with open(out / "predictions.csv", "w", newline="") as fh, open(out / "errors.csv", "w", newline="") as eh:
-        writer, errors = csv.writer(fh), csv.writer(eh)
-        writer.writerow(header)
-        errors.writerow(["path", "error"])
-        for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
-            batch, images = [], []
-            for f in files[start : start + args.batch_size]:
-                try:
-                    images.append(load_image(f))
-                    batch.append(f)
-                except CladError as e:
-                    n_bad += 1
-                    errors.writerow([str(f), str(e)])
-                    print(f"skipped: {e}", file=sys.stderr)
-            if not images:
-                continue
-            result = det.predict(images, batch_size=len(images))
-            if explainer is not None:
-                explained += explainer.explain(images, result, paths=[str(f) for f in batch])
-            if args.report:
-                shown += [(str(f), im, result.anomaly_maps[i], result.scores[i]) for i, (f, im) in enumerate(zip(batch, images))]
-            for i, f in enumerate(batch):
-                rel = f.relative_to(root)
-                map_path = (out / "maps" / rel).with_suffix(".npy")
-                map_path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(map_path, result.anomaly_maps[i].astype(np.float32))
-                row = [str(f), f"{result.scores[i]:.6g}"]
-                if has_threshold:
-                    row.append("anomalous" if result.labels[i] else "normal")
-                writer.writerow(row)
-                n_ok += 1
-            fh.flush()  # what is done stays done, whatever comes next
-    print(f"{n_ok} image(s) scored, {n_bad} skipped -> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+    sinks = [PredictionsCSV(out / "predictions.csv", labels=det.threshold_ is not None), ErrorsCSV(out / "errors.csv"),
+             ErrorLog(), MapsNpy(out / "maps")]
     if args.explain:
-        (out / "explanations.json").write_text(json.dumps([e.to_dict() for e in explained], indent=2))
+        sinks.append(ExplanationsJSON(out / "explanations.json"))
+    report = None
+    if args.report:
+        report = HTMLReport(args.report, title=f"clad predict: {det.name} on {args.input}", threshold=det.threshold_)
+        sinks.append(report)
+    summary = Pipeline(det, sinks, batch_size=args.batch_size, explainer=_explainer(det, args), progress=True).run(source)
+    print(f"{summary.n_scored} image(s) scored, {summary.n_skipped} skipped -> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+    if args.explain:
         print(f"explanations -> {out / 'explanations.json'}")
-    if args.report and shown:
-        from clad.report import write_report
-        from clad.types import AnomalyResult, Sample
-
-        samples = [Sample(im, None, None, path, "") for path, im, _, _ in shown]
-        result = AnomalyResult(np.array([s for *_, s in shown], np.float32), [m for _, _, m, _ in shown], det.threshold_)
-        if det.threshold_ is not None:
-            result.labels = result.scores > det.threshold_
-        page = write_report(args.report, samples, result, title=f"clad predict: {det.name} on {args.input}", explanations=explained)
-        print(f"report -> {page}")
-    return 0 if n_ok else 1
+    if report is not None and report.page is not None:
+        print(f"report -> {report.page}")
+    return 0 if summary.n_scored else 1
 
 
 def _explainer(det, args):
@@ -190,26 +138,26 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     from clad.data import open_dataset
-    from clad.evaluate import evaluate, load_split
+    from clad.evaluate import EvalSink, fit_references
     from clad.explain import Catalogue, Explainer
     from clad.explain.quality import held_out_normals
-    from clad.report import write_report
+    from clad.pipeline import HTMLReport, Pipeline, from_dataset
 
     shots = parse_shot(args.shots)
     train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
     test = open_dataset(args.data, args.category, "test")
     det = _build_detector(args, args.category)
-    res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size, keep_predictions=True)
-    samples, result = res["_predictions"]["samples"], res["_predictions"]["result"]
-    refs = [s.image for s in load_split(train, progress=False)[0]]
+    refs, fit_s, _ = fit_references(det, train)
     normals = held_out_normals(open_dataset(args.data, args.category, "train"), train, seed=args.seed)
-    types = sorted({s.defect_type for s in samples if s.label}) or None
+    types = sorted({t for t, y in zip(test.defect_types, test.labels) if y}) or None
     catalogue = Catalogue.from_folder(args.catalogue) if args.catalogue else None
     explainer = Explainer(det, catalogue=catalogue, defect_types=types).fit(refs, normals or None)
-    explanations = explainer.explain([s.image for s in samples], result, paths=[s.path for s in samples])
     title = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
-    page = write_report(args.out, samples, result, title=title, metrics=res, explanations=explanations, references=refs)
-    print(f"report -> {page}")
+    scored = EvalSink(args.pixel_eval_size)
+    report = HTMLReport(args.out, title=title, threshold=det.threshold_, references=refs, metrics=lambda: dict(
+        scored.metrics, fit_seconds=fit_s, predict_ms_per_image=scored.predict_ms_per_image))
+    Pipeline(det, [scored, report], batch_size=args.batch_size, explainer=explainer, progress=True).run(from_dataset(test))
+    print(f"report -> {report.page}")
     return 0
 
 
@@ -252,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="score images with a saved model; write scores and anomaly maps")
     p.add_argument("--model", required=True, help="folder written by `clad fit`")
-    p.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
+    p.add_argument("--input", required=True, help="an image, a folder of images (searched recursively) or a CSV file with a path column")
     p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/**/*.npy")
     p.add_argument("--threshold", type=float, help="label images whose score is above this")
     p.add_argument("--batch-size", type=int, default=16)

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from clad import metrics
 from clad.detectors.base import Detector
 from clad.errors import CladError
+from clad.pipeline import BaseSink, Pipeline, from_dataset
+from clad.types import AnomalyResult, Sample
 
 
 def _resize_for_eval(mask: np.ndarray, amap: np.ndarray, max_side: int | None):
@@ -39,6 +41,67 @@ def load_split(dataset, progress: bool = True, desc: str = "loading") -> tuple[l
     return samples, failures
 
 
+def fit_references(detector: Detector, train, progress: bool = True, fitted_from: Detector | None = None):
+    """Decode ``train`` and fit ``detector`` on it (or adopt ``fitted_from``'s fit, see ``evaluate``).
+
+    Returns (reference images, fit seconds or None when adopted, failures: [{"path", "error"}]).
+    """
+    train_samples, failures = load_split(train, progress, "loading references")
+    if not train_samples:
+        raise CladError("no usable reference image: " + "; ".join(f["error"] for f in failures))
+    refs = [s.image for s in train_samples]
+    t0 = time.perf_counter()
+    if fitted_from is not None:
+        detector.adopt(fitted_from)
+        return refs, None, failures
+    detector.fit(refs)
+    return refs, time.perf_counter() - t0, failures
+
+
+class EvalSink(BaseSink):
+    """The sink of a labelled stream that the metrics need: labels, scores, and each mask and map downscaled to
+    ``pixel_eval_size`` (see ``evaluate``); the decoded images are not kept unless ``keep`` (then every sample and
+    its full map are, for explanations and reports). ``metrics`` and ``predict_ms_per_image`` are set at close."""
+
+    def __init__(self, pixel_eval_size: int | None = 256, keep: bool = False):
+        self.pixel_eval_size, self.keep = pixel_eval_size, keep
+        self.labels, self.scores, self.masks, self.maps, self.failures = [], [], [], [], []
+        self.samples, self.full_maps = [], []
+        self.metrics: dict | None = None
+        self.predict_ms_per_image: float | None = None
+
+    def write(self, batch) -> None:
+        for p in batch:
+            it = p.item
+            if it.label is None or it.mask is None:
+                raise CladError(f"{it.path}: evaluation needs a labelled source (label and mask)")
+            self.labels.append(it.label)
+            self.scores.append(p.score)
+            m, a = _resize_for_eval(it.mask, p.anomaly_map, self.pixel_eval_size)
+            self.masks.append(m)
+            self.maps.append(a)
+            if self.keep:
+                self.samples.append(Sample(it.image, it.label, it.mask, it.path, it.defect_type))
+                self.full_maps.append(p.anomaly_map)
+
+    def write_error(self, path: str, error: str) -> None:
+        self.failures.append({"path": path, "error": error})
+
+    def close(self, summary) -> None:
+        if summary.error is not None:
+            return
+        self.metrics = metrics.evaluate(np.array(self.labels, dtype=np.int64), np.asarray(self.scores, np.float32),
+                                        self.masks, self.maps, iou_threshold=None)
+        self.predict_ms_per_image = 1000.0 * summary.predict_seconds / max(1, len(self.labels))
+
+    def predictions(self, threshold: float | None = None) -> dict:
+        """The kept samples and their result (full maps): {"samples": [Sample], "result": AnomalyResult}."""
+        result = AnomalyResult(np.asarray(self.scores, np.float32), self.full_maps, threshold)
+        if threshold is not None:
+            result.labels = result.scores > threshold
+        return {"samples": self.samples, "result": result}
+
+
 def evaluate(
     detector: Detector,
     train,
@@ -51,52 +114,32 @@ def evaluate(
 ) -> dict:
     """Fit on ``train`` (its images are the normal references), predict ``test``, return every metric.
 
-    Pixel metrics are computed on maps and masks downscaled (map bilinear, mask nearest) so that the longer side
-    is at most ``pixel_eval_size`` (None = native resolution); the setting is recorded in the result.
-    Times exclude image decoding: fit_seconds covers the whole fit, predict_ms_per_image the predict call.
+    ``test`` (a labelled dataset, or a list of samples) streams through ``clad.pipeline.Pipeline``: its images are
+    decoded a few batches ahead and let go after their batch, unless ``keep_predictions`` (then the result holds
+    "_predictions": every sample and its full-size map). Pixel metrics are computed on maps and masks downscaled
+    (map bilinear, mask nearest) so that the longer side is at most ``pixel_eval_size`` (None = native resolution);
+    the setting is recorded in the result. Times exclude image decoding: fit_seconds covers the whole fit,
+    predict_ms_per_image the predict calls.
     fitted_from: a fitted detector of the same fit (``Detector.adopt``) whose state ``detector`` takes instead of
     fitting; fit_seconds is then None (the caller knows what the shared fit cost).
     """
-    train_samples, train_fail = load_split(train, progress, "loading references")
-    test_samples, test_fail = load_split(test, progress, "loading test images")
-    if not train_samples:
-        raise CladError("no usable reference image: " + "; ".join(f["error"] for f in train_fail))
-    refs = [s.image for s in train_samples]
-
-    t0 = time.perf_counter()
-    if fitted_from is not None:
-        detector.adopt(fitted_from)
-        fit_s = None
-    else:
-        detector.fit(refs)
-        fit_s = time.perf_counter() - t0
-
-    images = [s.image for s in test_samples]
-    t0 = time.perf_counter()
-    result = detector.predict(images, batch_size=batch_size, progress=progress)
-    pred_s = time.perf_counter() - t0
-
-    labels = np.array([s.label for s in test_samples], dtype=np.int64)
-    masks, maps = [], []
-    for s, amap in zip(test_samples, result.anomaly_maps):
-        m, a = _resize_for_eval(s.mask, amap, pixel_eval_size)
-        masks.append(m)
-        maps.append(a)
-    scores = result.scores
-    out = metrics.evaluate(labels, scores, masks, maps, iou_threshold=None)
+    refs, fit_s, train_fail = fit_references(detector, train, progress, fitted_from)
+    scored = EvalSink(pixel_eval_size, keep=keep_predictions)
+    Pipeline(detector, [scored], batch_size=batch_size, progress=progress).run(from_dataset(test))
+    out = scored.metrics
     out.update(
         n_references=len(refs),
-        n_test=len(test_samples),
-        n_test_anomalous=int(labels.sum()),
+        n_test=len(scored.labels),
+        n_test_anomalous=int(sum(scored.labels)),
         fit_seconds=fit_s,
-        predict_ms_per_image=1000.0 * pred_s / max(1, len(images)),
+        predict_ms_per_image=scored.predict_ms_per_image,
         pixel_eval_size=pixel_eval_size,
-        failures=train_fail + test_fail,
+        failures=train_fail + scored.failures,
         detector=detector.name,
         params=dataclasses.asdict(detector.config),
     )
     if keep_predictions:
-        out["_predictions"] = {"samples": test_samples, "result": result}
+        out["_predictions"] = scored.predictions(detector.threshold_)
     return out
 
 

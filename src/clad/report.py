@@ -1,7 +1,15 @@
-"""A self-contained HTML report (opens offline) with PNG heatmaps, contours, histograms and ROC curve."""
+"""A self-contained HTML report (opens offline) with PNG heatmaps, contours, histograms and ROC curve.
+
+``ReportWriter`` takes the images one at a time (``clad.pipeline``'s report sink feeds it), ``write_report`` a
+whole list at once; both write the same files.
+"""
 from __future__ import annotations
 
 import html
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clad.types import AnomalyResult, Sample  # noqa: E402
+from clad.types import AnomalyResult, Item, Prediction, Sample  # noqa: E402
 from clad.viz import draw_contour, overlay, save_png  # noqa: E402
 
 
@@ -83,9 +91,187 @@ def _normal_crop(reference: np.ndarray, box) -> np.ndarray:
     return crop
 
 
+# The colour scale is taken from a sample of every map (about 4096 values each); past this many values the sample
+# is thinned (every other value kept), so a report of any length keeps a bounded sample.
+SCALE_SAMPLE_MAX = 1 << 22
+
+
+@dataclass
+class _Record:
+    """What the report keeps in memory of one image until index.html is written."""
+
+    index: int
+    path: str
+    score: float
+    decision: bool | None
+    sentence: str | None
+    explanation: object | None
+    label: int | None
+    defect_type: str | None
+    has_truth: bool
+    normal_reference: int | None
+    sample: np.ndarray  # the map values for the colour scale
+
+
+class ReportWriter:
+    """Writes ``out/index.html`` plus one folder of PNGs from images given one at a time (``add``), then ``close``.
+
+    Each image's input, ground-truth and closest-normal pictures are written as it comes; its heatmap overlay
+    needs the colour scale of all the maps and its file name the rank of its score among all, so the input and the
+    map wait in a staging folder inside ``out`` (removed at close) and only a small record stays in memory.
+    threshold: the decision threshold on the scores (drawn on the histogram). See ``write_report`` for the rest.
+    """
+
+    def __init__(self, out: str | Path, title: str = "clad report", threshold: float | None = None,
+                 pixel_threshold: float | None = None, references: Sequence[np.ndarray] | None = None):
+        self.out, self.title, self.threshold = Path(out), title, threshold
+        self.pixel_threshold, self.references = pixel_threshold, references
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+        self.records: list[_Record] = []
+        self.stride, self.n_sampled = 1, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, p: Prediction, sentence: str | None = None) -> None:
+        """One image with its prediction; ``sentence`` defaults to its explanation's."""
+        item, amap, e, i = p.item, p.anomaly_map, p.explanation, len(self.records)
+        if sentence is None and e is not None:
+            sentence = getattr(e, "sentence", str(e))
+        Image.fromarray(item.image).save(self.stage / f"{i}.png", compress_level=1)  # lossless, for the overlay
+        np.save(self.stage / f"{i}.npy", amap)
+        save_png(item.image, self.stage / f"{i}_image.png")
+        has_truth = item.mask is not None and bool(item.mask.any())
+        if has_truth:
+            save_png(draw_contour(item.image, item.mask, colour=(0, 255, 0), width=2), self.stage / f"{i}_truth.png")
+        normal = None
+        if self.references and e is not None:
+            match = e.regions[0].nearest_normal if e.regions else None
+            if match is not None and 0 <= match.reference < len(self.references):
+                save_png(_normal_crop(self.references[match.reference], match.box), self.stage / f"{i}_normal.png")
+                normal = match.reference
+        sample = amap.ravel()[:: max(1, amap.size // 4096)][:: self.stride].copy()
+        self.records.append(_Record(i, item.path, p.score, p.label, sentence, e, item.label, item.defect_type,
+                                    has_truth, normal, sample))
+        self.n_sampled += len(sample)
+        while self.n_sampled > SCALE_SAMPLE_MAX:
+            self.stride *= 2
+            for r in self.records:
+                r.sample = r.sample[::2].copy()
+            self.n_sampled = sum(len(r.sample) for r in self.records)
+
+    def discard(self) -> None:
+        """Remove the staging folder without writing the page."""
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def close(self, metrics: dict | None = None) -> Path:
+        """Draw the overlays, write index.html and the summary plots; returns the HTML path."""
+        try:
+            return self._write(metrics)
+        finally:
+            self.discard()
+
+    def _write(self, metrics: dict | None) -> Path:
+        records, out = self.records, self.out
+        if not records:
+            raise ValueError("the report has no image")
+        img_dir = out / "images"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        scores = np.asarray([r.score for r in records], dtype=np.float32)
+        known = [r.label is not None for r in records]
+        labels = np.array([r.label for r in records]) if all(known) else None
+        all_vals = np.concatenate([r.sample for r in records])
+        vmin, vmax = float(np.percentile(all_vals, 1)), float(np.percentile(all_vals, 99.9))
+        explained = any(r.explanation is not None for r in records)
+        fixed = self.pixel_threshold
+        if fixed is None and not explained and metrics:
+            fixed = metrics.get("pixel_f1_threshold")
+        if (fixed is None or not np.isfinite(fixed)) and not explained:
+            fixed = self.threshold
+        if fixed is not None and not np.isfinite(fixed):
+            fixed = None
+        show_normal = bool(self.references) and explained
+        show_truth = any(known)
+
+        rows = []
+        order = np.argsort(-scores)
+        for rank, i in enumerate(order):
+            r = records[i]
+            e = r.explanation
+            thr = fixed if fixed is not None else getattr(e, "pixel_threshold", None)
+            stem = f"{rank:04d}"
+            image = np.asarray(Image.open(self.stage / f"{i}.png"))
+            amap = np.load(self.stage / f"{i}.npy")
+            ov = overlay(image, amap, vmin, vmax)
+            if thr is not None:
+                ov = draw_contour(ov, amap >= thr, colour=(255, 255, 255), width=2)
+            for region in getattr(e, "regions", []) or []:
+                ov = _draw_box(ov, region.bbox)
+            os.replace(self.stage / f"{i}_image.png", img_dir / f"{stem}_image.png")
+            save_png(ov, img_dir / f"{stem}_overlay.png")
+            cells = [f'<img src="images/{stem}_image.png" alt="input">',
+                     f'<img src="images/{stem}_overlay.png" alt="anomaly map">']
+            if not show_truth:
+                pass
+            elif r.has_truth:
+                os.replace(self.stage / f"{i}_truth.png", img_dir / f"{stem}_truth.png")
+                cells.append(f'<img src="images/{stem}_truth.png" alt="ground truth">')
+            else:
+                cells.append('<div class="none">no defect in ground truth</div>' if r.label == 0 else "<div class='none'>no mask</div>")
+            if show_normal:
+                if r.normal_reference is not None:
+                    os.replace(self.stage / f"{i}_normal.png", img_dir / f"{stem}_normal.png")
+                    cells.append(f'<img src="images/{stem}_normal.png" alt="closest normal">'
+                                 f'<div class="cap">reference {r.normal_reference}</div>')
+                else:
+                    cells.append('<div class="none">no region</div>')
+            decision = ""
+            if r.decision is not None:
+                decision = " &middot; <b>anomalous</b>" if r.decision else " &middot; normal"
+            text = html.escape(r.sentence) if r.sentence else ""
+            kind = f"<div>{html.escape(r.defect_type or '')}</div>" if r.label is not None else ""
+            rows.append(
+                f"<tr><td class='meta'><div class='path'>{html.escape('/'.join(Path(r.path).parts[-2:]))}</div>"
+                f"{kind}<div>score {scores[i]:.4g}{decision}</div>"
+                f"<div class='why'>{text}</div></td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+            )
+        heads = ["image", "input", "anomaly map"] + (["ground truth"] if show_truth else []) + (["closest normal"] if show_normal else [])
+        if fixed is not None:
+            contour = f"white contour: map &ge; {fixed:.4g}"
+        elif explained:
+            contour = "white contour: map &ge; each explanation's pixel threshold; yellow boxes: its regions"
+        else:
+            contour = "no contour (no pixel threshold)"
+
+        plots = _summary_plots(out, labels, scores, self.threshold)
+        metric_rows = ""
+        if metrics:
+            keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "iou", "fit_seconds", "predict_ms_per_image"]
+            metric_rows = "".join(
+                f"<tr><th>{k}</th><td>{metrics[k]:.4f}</td></tr>" for k in keys if isinstance(metrics.get(k), float)
+            )
+        title = self.title
+        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;color:#222}} img{{max-width:220px;max-height:220px;display:block}}
+table{{border-collapse:collapse}} td,th{{padding:4px 8px;vertical-align:top;border-bottom:1px solid #ddd;text-align:left}}
+.meta{{max-width:260px;font-size:13px}} .path{{font-weight:bold}} .why{{margin-top:6px;color:#444}}
+.none{{width:220px;color:#999;font-size:12px}} .cap{{color:#666;font-size:12px}} .plots img{{max-width:480px;display:inline-block;margin-right:1em}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{len(records)} images, sorted by anomaly score. Heatmap colours share one scale ({vmin:.3g} to {vmax:.3g});
+{contour}{'; green contour: ground truth' if show_truth else ''}{'; blue box: the matched normal patch' if show_normal else ''}.</p>
+<table>{metric_rows}</table>
+<div class="plots">{''.join(f'<img src="{p}" alt="{p[:-4]}">' for p in plots)}</div>
+<table><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr>{''.join(rows)}</table>
+</body></html>"""
+        path = out / "index.html"
+        path.write_text(page)
+        return path
+
+
 def write_report(
     out: str | Path,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample | Item],
     result: AnomalyResult,
     title: str = "clad report",
     metrics: dict | None = None,
@@ -101,97 +287,18 @@ def write_report(
     heatmaps compare between images. ``explanations`` (``clad.explain.Explanation``, default
     ``result.explanations``) add their sentence and the boxes of their regions (yellow); with ``references`` (the
     detector's normal references) the closest normal patch of the strongest region is shown too. Samples whose
-    ``label`` is None (unlabelled images) get no ground-truth cell; histogram split and ROC need labels.
+    ``label`` is None (``Item`` of unlabelled images) get no ground-truth cell; histogram split and ROC need labels.
     """
-    out = Path(out)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    scores = np.asarray(result.scores)
-    known = [s.label is not None for s in samples]
-    labels = np.array([s.label for s in samples]) if samples and all(known) else None
-    all_vals = np.concatenate([m.ravel()[:: max(1, m.size // 4096)] for m in result.anomaly_maps])
-    vmin, vmax = float(np.percentile(all_vals, 1)), float(np.percentile(all_vals, 99.9))
     explanations = explanations if explanations is not None else result.explanations
-    fixed = pixel_threshold
-    if fixed is None and not explanations and metrics:
-        fixed = metrics.get("pixel_f1_threshold")
-    if (fixed is None or not np.isfinite(fixed)) and not explanations:
-        fixed = result.threshold
-    if fixed is not None and not np.isfinite(fixed):
-        fixed = None
-    sentences = sentences or (explanations and [getattr(e, "sentence", str(e)) for e in explanations])
-    show_normal = bool(references) and bool(explanations)
-    show_truth = any(known)
-
-    rows = []
-    order = np.argsort(-scores)
-    for rank, i in enumerate(order):
-        s, amap = samples[i], result.anomaly_maps[i]
-        e = explanations[i] if explanations else None
-        thr = fixed if fixed is not None else getattr(e, "pixel_threshold", None)
-        stem = f"{rank:04d}"
-        ov = overlay(s.image, amap, vmin, vmax)
-        if thr is not None:
-            ov = draw_contour(ov, amap >= thr, colour=(255, 255, 255), width=2)
-        for region in getattr(e, "regions", []) or []:
-            ov = _draw_box(ov, region.bbox)
-        save_png(s.image, img_dir / f"{stem}_image.png")
-        save_png(ov, img_dir / f"{stem}_overlay.png")
-        cells = [f'<img src="images/{stem}_image.png" alt="input">',
-                 f'<img src="images/{stem}_overlay.png" alt="anomaly map">']
-        if not show_truth:
-            pass
-        elif s.mask is not None and s.mask.any():
-            gt = draw_contour(s.image, s.mask, colour=(0, 255, 0), width=2)
-            save_png(gt, img_dir / f"{stem}_truth.png")
-            cells.append(f'<img src="images/{stem}_truth.png" alt="ground truth">')
-        else:
-            cells.append('<div class="none">no defect in ground truth</div>' if s.label == 0 else "<div class='none'>no mask</div>")
-        if show_normal:
-            match = e.regions[0].nearest_normal if e is not None and e.regions else None
-            if match is not None and 0 <= match.reference < len(references):
-                save_png(_normal_crop(references[match.reference], match.box), img_dir / f"{stem}_normal.png")
-                cells.append(f'<img src="images/{stem}_normal.png" alt="closest normal">'
-                             f'<div class="cap">reference {match.reference}</div>')
-            else:
-                cells.append('<div class="none">no region</div>')
-        decision = ""
-        if result.labels is not None:
-            decision = " &middot; <b>anomalous</b>" if result.labels[i] else " &middot; normal"
-        text = html.escape(sentences[i]) if sentences else ""
-        kind = f"<div>{html.escape(s.defect_type)}</div>" if s.label is not None else ""
-        rows.append(
-            f"<tr><td class='meta'><div class='path'>{html.escape('/'.join(Path(s.path).parts[-2:]))}</div>"
-            f"{kind}<div>score {scores[i]:.4g}{decision}</div>"
-            f"<div class='why'>{text}</div></td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-        )
-    heads = ["image", "input", "anomaly map"] + (["ground truth"] if show_truth else []) + (["closest normal"] if show_normal else [])
-    if fixed is not None:
-        contour = f"white contour: map &ge; {fixed:.4g}"
-    elif explanations:
-        contour = "white contour: map &ge; each explanation's pixel threshold; yellow boxes: its regions"
-    else:
-        contour = "no contour (no pixel threshold)"
-
-    plots = _summary_plots(out, labels, scores, result.threshold)
-    metric_rows = ""
-    if metrics:
-        keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "iou", "fit_seconds", "predict_ms_per_image"]
-        metric_rows = "".join(
-            f"<tr><th>{k}</th><td>{metrics[k]:.4f}</td></tr>" for k in keys if isinstance(metrics.get(k), float)
-        )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em;color:#222}} img{{max-width:220px;max-height:220px;display:block}}
-table{{border-collapse:collapse}} td,th{{padding:4px 8px;vertical-align:top;border-bottom:1px solid #ddd;text-align:left}}
-.meta{{max-width:260px;font-size:13px}} .path{{font-weight:bold}} .why{{margin-top:6px;color:#444}}
-.none{{width:220px;color:#999;font-size:12px}} .cap{{color:#666;font-size:12px}} .plots img{{max-width:480px;display:inline-block;margin-right:1em}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>{len(samples)} images, sorted by anomaly score. Heatmap colours share one scale ({vmin:.3g} to {vmax:.3g});
-{contour}{'; green contour: ground truth' if show_truth else ''}{'; blue box: the matched normal patch' if show_normal else ''}.</p>
-<table>{metric_rows}</table>
-<div class="plots">{''.join(f'<img src="{p}" alt="{p[:-4]}">' for p in plots)}</div>
-<table><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr>{''.join(rows)}</table>
-</body></html>"""
-    path = out / "index.html"
-    path.write_text(page)
-    return path
+    writer = ReportWriter(out, title, threshold=result.threshold, pixel_threshold=pixel_threshold, references=references)
+    try:
+        for i, s in enumerate(samples):
+            item = Item(s.image, s.path, s.path, label=s.label, mask=s.mask, defect_type=s.defect_type)
+            decision = None if result.labels is None else bool(result.labels[i])
+            e = explanations[i] if explanations else None
+            sentence = sentences[i] if sentences else None
+            writer.add(Prediction(item, result.scores[i], result.anomaly_maps[i], decision, e), sentence)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.close(metrics)

@@ -28,6 +28,41 @@ class Sample:
 
 
 @dataclass
+class Item:
+    """One decoded image of a stream (``clad.pipeline``): a ``Sample`` whose ground truth may be unknown.
+
+    image: (H, W, 3) uint8 RGB. path: its file. name: its path relative to the source's root (outputs mirror it).
+    label (0 good / 1 anomalous), mask ((H, W) bool) and defect_type: from a labelled source, else None.
+    """
+
+    image: np.ndarray
+    path: str
+    name: str
+    label: int | None = None
+    mask: np.ndarray | None = None
+    defect_type: str | None = None
+
+
+@dataclass
+class Prediction:
+    """One image's prediction as a stream hands it to its sinks.
+
+    item: the decoded input. score: image anomaly score. anomaly_map: (H, W) float32 at the image's resolution.
+    label: the decision (True = anomalous) when a threshold is set, else None. explanation: when one was asked for.
+    """
+
+    item: Item
+    score: float
+    anomaly_map: np.ndarray
+    label: bool | None = None
+    explanation: object | None = None
+
+    @property
+    def path(self) -> str:
+        return self.item.path
+
+
+@dataclass
 class AnomalyResult:
     """What every detector's ``predict`` returns.
 
