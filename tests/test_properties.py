@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import clad
 from clad import metrics
 from clad.data.io import load_image
-from clad.detectors.base import _INTERVAL
+from clad.detectors.base import parse_interval
 from clad.errors import ImageLoadError
 from conftest import texture
 from test_metrics import _sklearn_f1_max
@@ -205,10 +205,7 @@ def _field_strategy(f, tp):
     if type(None) in args:
         inner = next(a for a in args if a is not type(None))
         return st.none() | _field_strategy(f, inner)
-    lo, hi, lo_open = 0, math.inf, False
-    if "range" in f.metadata:
-        m = _INTERVAL.match(f.metadata["range"])
-        lo, hi, lo_open = float(m[2]), float(m[3]), m[1] == "("
+    lo, hi, lo_open, _ = parse_interval(f.metadata.get("range", "[0, inf)"))
     hi = min(hi, _CAP.get(f.name, 2**31 - 1 if f.name == "seed" else lo + 8))
     if tp is bool:
         return st.booleans()

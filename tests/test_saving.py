@@ -208,11 +208,7 @@ def test_format_1_model_still_loads_with_a_warning(saved):
     """A model saved before config.json recorded the tensors and checksums (format 1) loads, unverified."""
     images = [texture((64, 64), 9)]
     before = clad.load_detector(saved).predict(images)
-    doc = json.loads((saved / "config.json").read_text())
-    for key in ("tensors", "sha256", "fit_sha256"):
-        del doc[key]
-    doc["format_version"] = 1
-    (saved / "config.json").write_text(json.dumps(doc))
+    (saved / "config.json").write_text(json.dumps(_as_format_1(saved)))
     with pytest.warns(UserWarning, match="format-1 model, saved without checksums"):
         det = clad.load_detector(saved)
     assert det.predict(images).scores.tolist() == before.scores.tolist()
@@ -322,3 +318,31 @@ def test_saved_files_get_ordinary_permissions(saved, tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
+def _as_format_1(saved) -> dict:
+    doc = json.loads((saved / "config.json").read_text())
+    for key in ("tensors", "sha256", "fit_sha256"):
+        del doc[key]
+    doc["format_version"] = 1
+    return doc
+
+
+def test_format_1_model_that_fails_with_its_params_is_refused_at_load(saved):
+    doc = _as_format_1(saved)
+    doc["params"]["layers"] = ["stage0"]  # not a layer of the backbone: predict would raise a bare ValueError
+    (saved / "config.json").write_text(json.dumps(doc))
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="format-1 model does not work with its params"):
+        clad.load_detector(saved)
+
+
+def test_format_version_lowered_to_1_does_not_skip_the_checks(saved):
+    _edit(saved, format_version=1)
+    with pytest.raises(ConfigError, match="format_version 1 with the checksums of format 2"):
+        clad.load_detector(saved)
+
+
+def test_save_into_dot(saved, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "m")  # the fixture's model folder, saved into again by its relative name "."
+    clad.load_detector(".").set_threshold(1.5).save(".")
+    assert clad.load_detector(tmp_path / "m").threshold_ == 1.5

@@ -66,19 +66,22 @@ def _is_type(value: Any, tp: Any) -> bool:
     return isinstance(value, origin or tp)
 
 
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"(0, 1]"`` -> (0.0, 1.0, True, False): the bounds, and whether each is open."""
+    m = _INTERVAL.match(text)
+    if m is None:
+        raise ValueError(f"bad range {text!r}; expected e.g. '[1, inf)' or '(0, 1]'")
+    return float(m[2]), float(m[3]), m[1] == "(", m[4] == ")"
+
+
 def _range_problem(value: Any, interval: str) -> str | None:
     """None when ``value`` (a number, or None) lies in ``interval``, else what it must be."""
-    m = _INTERVAL.match(interval)
-    if m is None:
-        raise ValueError(f"bad range metadata {interval!r}; expected e.g. '[1, inf)' or '(0, 1]'")
-    if value is None:
+    lo, hi, lo_open, hi_open = parse_interval(interval)
+    if value is None or ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
         return None
-    lo, hi = float(m[2]), float(m[3])
-    above = value > lo if m[1] == "(" else value >= lo
-    below = value < hi if m[4] == ")" else value <= hi
-    if above and below:
-        return None
-    return f"must be {'>' if m[1] == '(' else '>='} {m[2]}" if math.isinf(hi) else f"must be in {interval}"
+    if math.isinf(hi):
+        return f"must be {'>' if lo_open else '>='} {lo:g}"
+    return f"must be in {interval}"
 
 
 def make_config(config_cls: type, params: dict[str, Any], owner: str):
@@ -135,6 +138,7 @@ def _write_folder(directory: Path, files: dict[str, bytes]) -> None:
     place, so an error or a crash part-way leaves any old model as it was. An existing ``directory`` must hold
     nothing but a saved model. It is renamed aside for the swap: a crash between the two renames leaves the old
     model in ``.NAME.old-*`` beside it. Folders and files get the ordinary modes (0o777 / 0o666 less the umask)."""
+    directory = Path(os.path.abspath(directory))  # "." or "m/." have no name to put beside
     if directory.exists():
         if not directory.is_dir():
             raise ConfigError(f"{directory}: exists and is not a folder")
@@ -353,7 +357,23 @@ def load_detector(directory: str | Path) -> Detector:
         raise ConfigError(f"{state_path}: does not match {cfg_path.name} ({type(e).__name__}: {e})") from e
     det.threshold_ = None if doc.get("threshold") is None else float(doc["threshold"])
     det.fitted_ = True
+    if not verified:
+        _probe(det, cfg_path)
     return det
+
+
+def _probe(det: Detector, cfg_path: Path) -> None:
+    """Predict once on a small grey image, so that an unverified (format-1) model whose params no longer fit its
+    state fails at load, as a ConfigError, rather than with a traceback at its first use."""
+    from clad.errors import CladError
+
+    try:
+        det.predict([np.full((32, 32, 3), 128, np.uint8)])
+    except CladError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever an inconsistent model raises
+        raise ConfigError(f"{cfg_path}: this format-1 model does not work with its params "
+                          f"({type(e).__name__}: {e})") from e
 
 
 def _read_config(cfg_path: Path) -> dict:
@@ -368,8 +388,11 @@ def _read_config(cfg_path: Path) -> dict:
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ConfigError(f"{cfg_path}: format_version {version!r}, this clad reads 1 to {FORMAT_VERSION}")
     expected = {"detector": str, "params": dict, "meta": dict}
+    checksums = {"tensors": dict, "sha256": str, "fit_sha256": str}
     if version >= 2:
-        expected |= {"tensors": dict, "sha256": str, "fit_sha256": str}
+        expected |= checksums
+    elif set(checksums) & set(doc):
+        raise ConfigError(f"{cfg_path}: format_version 1 with the checksums of format 2 (was format_version edited?)")
     for key, kind in expected.items():
         if key not in doc:
             raise ConfigError(f"{cfg_path}: missing key {key!r}")
