@@ -7,9 +7,9 @@ Targets:
 - ``image``: the bytes are written to a file and read by ``clad.data.io.load_image`` and ``load_mask``; they
   must return (H, W, 3) uint8 and (H, W) bool, or raise a ``CladError``.
 - ``model``: tiny saved models (patch_knn, padim, spade on ``tiny_cnn``, 32 px) with one file mutated: the first
-  byte picks the model and what is mutated (``config.json``; ``model.safetensors``; or ``model.safetensors``
-  with its sha256 in ``config.json`` updated to match, so the mutation reaches the tensors' checks), the rest is
-  that file. ``load_detector``, then ``predict`` on one 24 x 20 image, must work or raise a ``CladError``.
+  byte picks the model and what is mutated (``config.json``, seeded as saved and as format 1; ``model.safetensors``;
+  or ``model.safetensors`` with its sha256 in ``config.json`` updated to match, so the mutation reaches the
+  tensors' checks), the rest is that file. ``load_detector``, then ``predict`` on one 24 x 20 image, must work or raise a ``CladError``.
 
 Fuzzing is coverage-guided by atheris (libFuzzer) when it is installed; otherwise a plain random-mutation loop
 (bit flips, byte insertions and deletions, truncation) runs instead and says so. Each target runs in its own
@@ -125,6 +125,10 @@ class ModelTarget(Target):
             for j, what in enumerate(MUTATED):
                 key = "config.json" if what == "config" else "model.safetensors"
                 out.append(bytes([i * len(MUTATED) + j]) + self.files[name][key])
+            # the same config as format 1 (no checksums), so that the unverified path is fuzzed too
+            doc = json.loads(self.files[name]["config.json"])
+            doc = {k: v for k, v in doc.items() if k not in ("tensors", "sha256", "fit_sha256")} | {"format_version": 1}
+            out.append(bytes([i * len(MUTATED)]) + json.dumps(doc, indent=2).encode())
         return out
 
     def run(self, data: bytes) -> None:
@@ -171,7 +175,8 @@ class Recorder:
                 self.target.run(data)
             self.outcomes["ok"] += 1
         except self.clean as e:  # a clean refusal: counted by its kind, the message's start without the path
-            self.outcomes[f"{type(e).__name__}: {re.sub(r'^/[^:]*: ', '', str(e))[:40]}"] += 1
+            kind = re.sub(r"'[^']*'", "'*'", re.sub(r"^/[^:]*: ", "", str(e)))  # without the path and names
+            self.outcomes[f"{type(e).__name__}: {kind[:40]}"] += 1
         except Exception as e:  # noqa: BLE001 - the point: anything that is not a CladError
             frames = traceback.extract_tb(e.__traceback__)
             ours = [f for f in frames if "/clad/" in f.filename] or frames
