@@ -9,7 +9,8 @@ Targets:
 - ``model``: tiny saved models (patch_knn, padim, spade on ``tiny_cnn``, 32 px) with one file mutated: the first
   byte picks the model and what is mutated (``config.json``, seeded as saved and as format 1; ``model.safetensors``;
   or ``model.safetensors`` with its sha256 in ``config.json`` updated to match, so the mutation reaches the
-  tensors' checks), the rest is that file. ``load_detector``, then ``predict`` on one 24 x 20 image, must work or raise a ``CladError``.
+  tensors' checks), the rest is that file. ``load_detector``, then ``predict`` on one 24 x 20 image, must work
+  or raise a ``CladError``.
 
 Fuzzing is coverage-guided by atheris (libFuzzer) when it is installed; otherwise a plain random-mutation loop
 (bit flips, byte insertions and deletions, truncation) runs instead and says so. Each target runs in its own
@@ -265,17 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in TARGETS if args.target == "all" else (args.target,):
         log = out / f"{name}.log"
         with open(log, "w") as fh:  # libFuzzer's progress lines go to the log
-            code = subprocess.call([sys.executable, __file__, "--child", "--target", name, "--seconds", str(args.seconds),
-                                    "--out", str(out)], stdout=fh, stderr=subprocess.STDOUT)
+            child = [sys.executable, __file__, "--child", "--target", name, "--seconds", str(args.seconds),
+                     "--out", str(out)]
+            code = subprocess.call(child, stdout=fh, stderr=subprocess.STDOUT)
         summary = json.loads((out / f"{name}-summary.json").read_text())
         executed = re.search(r"stat::number_of_executed_units:\s*(\d+)", log.read_text())
         if executed:  # libFuzzer's own count, exact to the end (the summary is saved every 2 s)
             summary["inputs"] = int(executed[1])
-        artifacts = sorted(p.name for p in out.glob(f"{name}-crash-*")) + sorted(p.name for p in out.glob(f"{name}-timeout-*")) \
-            + sorted(p.name for p in out.glob(f"{name}-oom-*"))
+        artifacts = sorted(p.name for kind in ("crash", "timeout", "oom") for p in out.glob(f"{name}-{kind}-*"))
         print(f"{name}: {summary['inputs']} inputs in {summary['seconds']} s ({summary['engine']}), "
               f"{len(summary['findings'])} distinct finding(s), exit {code}; log {log}")
-        print("  outcomes (first 2 s gaps aside): " + "; ".join(f"{k} x{v}" for k, v in list(summary["outcomes"].items())[:8]))
+        top = list(summary["outcomes"].items())[:8]  # as of the last save, at most 2 s before the end
+        print("  most frequent outcomes: " + "; ".join(f"{k} x{v}" for k, v in top))
         for key, f in summary["findings"].items():
             print(f"  {key} (x{f['count']}): {f['message'][:160]}  [{f['input']}]")
         for a in artifacts:

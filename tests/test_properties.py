@@ -22,9 +22,7 @@ from clad.errors import ImageLoadError
 from conftest import texture
 from test_metrics import _sklearn_f1_max
 
-# No example database: nothing is written into the repository.
-FAST = settings(max_examples=40, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ---------------------------------------------------------------------------------------------- image loader
 
@@ -98,8 +96,8 @@ def test_garbage_bytes_load_or_raise_image_load_error(tmp_path, data):
 
 
 @FAST
-@given(pair=st.sampled_from(WRITABLE), cut=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)),
-                                                                          max_size=8))
+@given(pair=st.sampled_from(WRITABLE), cut=st.floats(0, 1),
+       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=8))
 def test_damaged_image_bytes_load_or_raise_image_load_error(tmp_path, pair, cut, flips):
     data = bytearray(_encoded(texture((16, 16), 0), *pair))
     for where, value in flips:
@@ -231,7 +229,7 @@ def _detector_params(draw, name: str) -> dict:
 def test_config_round_trip(tmp_path_factory, name):
     refs, tests = [texture((24, 32), s) for s in range(2)], [texture((20, 28), 5)]
 
-    @settings(max_examples=4, deadline=None, database=None)
+    @settings(max_examples=4, deadline=None)
     @given(params=_detector_params(name), threshold=st.none() | st.floats(-1e3, 1e3))
     def round_trip(params, threshold):
         det = clad.create_detector(name, **params).fit(refs).set_threshold(threshold)

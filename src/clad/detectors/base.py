@@ -121,7 +121,9 @@ def _fit_digest(params: Any, meta: Any) -> str:
 
 
 def _tensor_specs(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in sorted(tensors.items())}
+    """{name: {"shape": [...], "dtype": "float32"}}, as ``config.json`` records them."""
+    return {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for k, t in sorted(tensors.items())}
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:

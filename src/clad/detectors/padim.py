@@ -42,7 +42,8 @@ class PaDiMConfig:
     grid_layer: str = "stage2"  # the layer whose grid the Gaussians live on
     image_size: int = bounded(256, "[8, inf)")
     n_features: int = bounded(100, "[1, inf)")  # random channel subset (capped at the number of channels)
-    eps: float = bounded(1.0, "(0, inf)")  # added to the covariance diagonal (the paper's 0.01 is too small for these features)
+    # added to the covariance diagonal (the paper's 0.01 is too small for these features)
+    eps: float = bounded(1.0, "(0, inf)")
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
     batch_size: int = bounded(16, "[1, inf)")
     seed: int = 0

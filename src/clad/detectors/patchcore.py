@@ -51,10 +51,12 @@ class PatchCoreConfig:
     layers: tuple[str, ...] = ("stage2", "stage3")
     image_size: int = bounded(256, "[8, inf)")
     neighbourhood: int = bounded(3, "[1, inf)")  # local aggregation window, in patches
-    embed_dim: int | None = bounded(None, "[1, inf)")  # PatchCore's channel pooling to this many dims; None keeps all channels
+    # PatchCore's channel pooling to this many dims; None keeps all channels
+    embed_dim: int | None = bounded(None, "[1, inf)")
     coreset_ratio: float = bounded(0.1, "(0, 1]")  # fraction of the memory bank kept (1.0: no subsampling)
     projection_dim: int | None = bounded(128, "[1, inf)")  # random projection used by the coreset selection only
-    n_probe: int = bounded(0, "[0, inf)")  # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    n_probe: int = bounded(0, "[0, inf)")
     # n_probe applies to memories of at least this many rows; smaller ones are searched exactly, since there the
     # approximate search saves little and its few, small clusters cost accuracy (bottle at 1 shot, 103 rows:
     # image AUROC 91.4 against 99.6 exact, seeds 0-4, before exact_max).
@@ -77,7 +79,8 @@ class PatchCoreConfig:
     # spinning after each parallel operation.
     workers: int | None = bounded(None, "[1, inf)", omit_from_key_when={"workers": None})
     reweight: bool = False  # Eq. 7 of the paper on the image score
-    reweight_neighbours: int = bounded(3, "[2, inf)")  # b in Eq. 7: memory items around m* (m* included); b = 1 makes every weight 0
+    # b in Eq. 7: memory items around m* (m* included); b = 1 would make every weight 0
+    reweight_neighbours: int = bounded(3, "[2, inf)")
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
     batch_size: int = bounded(16, "[1, inf)")  # images per backbone call during fit
     seed: int = 0
