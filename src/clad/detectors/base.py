@@ -2,32 +2,183 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import os
+import re
+import secrets
+import shutil
+import types
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save as dump_tensors
 
 from clad.errors import ConfigError
 from tqdm.auto import tqdm
 from clad.types import AnomalyResult, ImageLike
 
 FORMAT = "clad-detector"
-FORMAT_VERSION = 1
+# 2: config.json also records the tensors' names, shapes and dtypes, the sha256 of model.safetensors and the sha256
+# of the params and meta the state was fitted with. Version 1 (before these) still loads, unverified, with a warning.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 STATE_FILE = "model.safetensors"
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def bounded(default: Any, interval: str, **metadata: Any):
+    """A config field whose value must lie in ``interval``, e.g. ``"[1, inf)"`` or ``"(0, 1]"`` (checked by
+    ``make_config``; None passes where the type allows it)."""
+    return dataclasses.field(default=default, metadata={"range": interval, **metadata})
+
+
+def _is_type(value: Any, tp: Any) -> bool:
+    """Whether a JSON-like ``value`` fits the annotation ``tp``: bool is not an int here, an int is a float, a
+    float must be finite, a list is a tuple."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_is_type, value, args))
+        return not args or all(_is_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is_type(k, args[0]) and _is_type(v, args[1]) for k, v in value.items())
+    if origin is typing.Literal:
+        return value in args
+    return isinstance(value, origin or tp)
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"(0, 1]"`` -> (0.0, 1.0, True, False): the bounds, and whether each is open."""
+    m = _INTERVAL.match(text)
+    if m is None:
+        raise ValueError(f"bad range {text!r}; expected e.g. '[1, inf)' or '(0, 1]'")
+    return float(m[2]), float(m[3]), m[1] == "(", m[4] == ")"
+
+
+def _range_problem(value: Any, interval: str) -> str | None:
+    """None when ``value`` (a number, or None) lies in ``interval``, else what it must be."""
+    lo, hi, lo_open, hi_open = parse_interval(interval)
+    if value is None or ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
+        return None
+    if math.isinf(hi):
+        return f"must be {'>' if lo_open else '>='} {lo:g}"
+    return f"must be in {interval}"
 
 
 def make_config(config_cls: type, params: dict[str, Any], owner: str):
-    """Build a config dataclass, with an error that names any unknown key."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(params) - names)
+    """Build a config dataclass from ``params``. Unknown keys, values of the wrong type (from the field's
+    annotation) and values outside the field's ``range`` metadata (``bounded``) are ConfigErrors naming the key."""
+    fields = dataclasses.fields(config_cls)
+    unknown = sorted(set(params) - {f.name for f in fields})
     if unknown:
-        raise ConfigError(f"{owner}: unknown parameter(s) {unknown}; valid: {sorted(names)}")
-    return config_cls(**params)
+        raise ConfigError(f"{owner}: unknown parameter(s) {unknown}; valid: {sorted(f.name for f in fields)}")
+    hints = typing.get_type_hints(config_cls)
+    for f in fields:
+        if f.name not in params:
+            continue
+        value = params[f.name]
+        if not _is_type(value, hints[f.name]):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            raise ConfigError(f"{owner}: parameter {f.name!r} must be {kind}, got {value!r}")
+        problem = "range" in f.metadata and _range_problem(value, f.metadata["range"])
+        if problem:
+            raise ConfigError(f"{owner}: parameter {f.name!r} {problem}, got {value!r}")
+    try:
+        return config_cls(**params)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # the config's own checks (__post_init__)
+        raise ConfigError(f"{owner}: {e}") from e
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so a digest of it matches the file's."""
+    return json.loads(json.dumps(obj))
+
+
+def _fit_digest(params: Any, meta: Any) -> str:
+    """sha256 of the params and meta a state was fitted with, as they read from ``config.json``."""
+    return hashlib.sha256(json.dumps([params, meta], sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_specs(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{name: {"shape": [...], "dtype": "float32"}}, as ``config.json`` records them."""
+    return {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for k, t in sorted(tensors.items())}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((k for k, t in sorted(tensors.items()) if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def _is_threshold(value: Any) -> bool:
+    return _is_type(value, float | None)
+
+
+def _write_folder(directory: Path, files: dict[str, bytes]) -> None:
+    """Make ``files`` the whole content of ``directory``: written into a new folder beside it, then renamed into
+    place, so an error or a crash part-way leaves any old model as it was. An existing ``directory`` must hold
+    nothing but a saved model. It is renamed aside for the swap: a crash between the two renames leaves the old
+    model in ``.NAME.old-*`` beside it. Folders and files get the ordinary modes (0o777 / 0o666 less the umask)."""
+    directory = Path(os.path.abspath(directory))  # "." or "m/." have no name to put beside
+    if directory.exists():
+        if not directory.is_dir():
+            raise ConfigError(f"{directory}: exists and is not a folder")
+        others = sorted(p.name for p in directory.iterdir() if p.name not in files)
+        if others:
+            raise ConfigError(f"{directory}: holds files that are not part of a saved model ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); not replacing it, choose another folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new, old = (directory.parent / f".{directory.name}.{kind}-{tag}" for kind in ("saving", "old"))
+    os.mkdir(new)  # not tempfile.mkdtemp: its 0o700 would stay on the renamed model folder
+    try:
+        for name, data in files.items():
+            with open(new / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before the rename makes it the model
+        if directory.exists():
+            os.rename(directory, old)
+            try:
+                os.rename(new, directory)
+            except BaseException:
+                os.rename(old, directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(new, directory)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    try:  # make the renames durable too
+        fd = os.open(directory.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the files themselves are synced
 
 
 class Detector:
@@ -116,22 +267,33 @@ class Detector:
         return self
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` (settings + small fitted metadata) and ``model.safetensors`` (tensors)."""
+        """Write the folder ``directory`` with ``config.json`` (settings, small fitted metadata, the tensors' names,
+        shapes and dtypes, checksums) and ``model.safetensors`` (tensors), atomically: see ``_write_folder``.
+        A state holding NaN or inf, or a threshold that is not a finite number, is refused (ConfigError)."""
         self._check_fitted()
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self._get_state()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(directory / STATE_FILE))
+        bad = _non_finite(tensors)
+        if bad is not None:
+            raise ConfigError(f"{self.name}: cannot save {directory}: tensor {bad!r} holds NaN or inf")
+        if not _is_threshold(self.threshold_):
+            raise ConfigError(f"{self.name}: cannot save {directory}: threshold {self.threshold_!r} is not finite")
+        state = dump_tensors(tensors)
+        params, meta = _plain(dataclasses.asdict(self.config)), _plain(meta)
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "detector": self.name,
-            "params": dataclasses.asdict(self.config),
+            "params": params,
             "threshold": self.threshold_,
             "meta": meta,
+            "tensors": _tensor_specs(tensors),
+            "sha256": hashlib.sha256(state).hexdigest(),
+            "fit_sha256": _fit_digest(params, meta),
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        config = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False).encode()
+        _write_folder(directory, {STATE_FILE: state, CONFIG_FILE: config})
         return directory
 
     # -- to implement ------------------------------------------------------------------------------------
@@ -157,7 +319,14 @@ class Detector:
 
 
 def load_detector(directory: str | Path) -> Detector:
-    """Load a detector saved by ``Detector.save``. Reads JSON and safetensors only: no pickle ever runs."""
+    """Load a detector saved by ``Detector.save``. Reads JSON and safetensors only: no pickle ever runs.
+
+    Checks that the two files are intact and belong together: the format, the detector, its params (types and
+    ranges, as when creating it), the threshold (a finite number or null), the tensors' names, shapes and dtypes,
+    the sha256 of ``model.safetensors``, that every float tensor is finite, and that params and meta are those the
+    state was fitted with (only the threshold may be edited). Each failure is one ConfigError naming the file
+    and the problem. A version-1 model (saved before the checksums) loads with a warning that it is unverified.
+    """
     from clad.registry import detector_class
 
     directory = Path(directory)
@@ -167,17 +336,7 @@ def load_detector(directory: str | Path) -> Detector:
     for p in (cfg_path, state_path):
         if not p.is_file():
             raise ConfigError(f"{p}: missing (a saved model is a folder with {CONFIG_FILE} and {STATE_FILE})")
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ConfigError(f"{cfg_path}: not a clad model file (missing \"format\": \"{FORMAT}\")")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{cfg_path}: format_version {doc.get('format_version')!r}, this clad reads {FORMAT_VERSION}")
-    for key in ("detector", "params", "meta"):
-        if key not in doc:
-            raise ConfigError(f"{cfg_path}: missing key {key!r}")
+    doc = _read_config(cfg_path)
     try:
         cls = detector_class(doc["detector"])
     except KeyError as e:
@@ -186,14 +345,95 @@ def load_detector(directory: str | Path) -> Detector:
         det = cls(**doc["params"])
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{cfg_path}: {e}") from e
-    try:
-        tensors = load_file(str(state_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"{state_path}: not a valid safetensors file ({e})") from e
+    verified = doc["format_version"] >= 2
+    if verified and doc["fit_sha256"] != _fit_digest(doc["params"], doc["meta"]):
+        raise ConfigError(f"{cfg_path}: params or meta differ from those the model was fitted with (fit_sha256); "
+                          "only the threshold may be edited: refit to change the others")
+    if not verified:
+        warnings.warn(f"{cfg_path}: a format-1 model, saved without checksums: its files are not verified "
+                      "(load and save it again to add them)", stacklevel=2)
+    tensors = _read_state(state_path, doc if verified else None)
     try:
         det._set_state(tensors, doc["meta"])
-    except (KeyError, RuntimeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ConfigError(f"{state_path}: does not match {cfg_path.name} ({type(e).__name__}: {e})") from e
-    det.threshold_ = doc.get("threshold")
+    det.threshold_ = None if doc.get("threshold") is None else float(doc["threshold"])
     det.fitted_ = True
+    if not verified:
+        _probe(det, cfg_path)
     return det
+
+
+def _probe(det: Detector, cfg_path: Path) -> None:
+    """Predict once on a small grey image, so that an unverified (format-1) model whose params no longer fit its
+    state fails at load, as a ConfigError, rather than with a traceback at its first use."""
+    from clad.errors import CladError
+
+    try:
+        det.predict([np.full((32, 32, 3), 128, np.uint8)])
+    except CladError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever an inconsistent model raises
+        raise ConfigError(f"{cfg_path}: this format-1 model does not work with its params "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def _read_config(cfg_path: Path) -> dict:
+    """``config.json`` parsed, with its keys present and of the right types."""
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{cfg_path}: not a clad model file (missing \"format\": \"{FORMAT}\")")
+    version = doc.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ConfigError(f"{cfg_path}: format_version {version!r}, this clad reads 1 to {FORMAT_VERSION}")
+    expected = {"detector": str, "params": dict, "meta": dict}
+    checksums = {"tensors": dict, "sha256": str, "fit_sha256": str}
+    if version >= 2:
+        expected |= checksums
+    elif set(checksums) & set(doc):
+        raise ConfigError(f"{cfg_path}: format_version 1 with the checksums of format 2 (was format_version edited?)")
+    for key, kind in expected.items():
+        if key not in doc:
+            raise ConfigError(f"{cfg_path}: missing key {key!r}")
+        if not isinstance(doc[key], kind):
+            raise ConfigError(f"{cfg_path}: {key!r} must be a {'JSON object' if kind is dict else 'string'}, "
+                              f"got {doc[key]!r:.80}")
+    if not _is_threshold(doc.get("threshold")):
+        raise ConfigError(f"{cfg_path}: threshold must be a finite number or null, got {doc['threshold']!r:.80}")
+    return doc
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``."""
+    return ", ".join(map(repr, names[:n])) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _read_state(state_path: Path, doc: dict | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``, checked against ``doc`` (names, shapes, dtypes, sha256) unless None,
+    and checked to be finite."""
+    try:
+        data = state_path.read_bytes()
+        tensors = load_tensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{state_path}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+    if doc is not None:
+        found, listed = _tensor_specs(tensors), doc["tensors"]
+        if found != listed:
+            missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+            parts = [f"lacks {_some(missing)}"] if missing else []
+            parts += [f"holds {_some(extra)}, not listed there"] if extra else []
+            if not parts:
+                name = next(k for k in sorted(found) if found[k] != listed[k])
+                parts = [f"tensor {name!r} is {found[name]}, {CONFIG_FILE} says {listed[name]}"]
+            what = "; ".join(parts)
+            raise ConfigError(f"{state_path}: does not match {CONFIG_FILE}: {what} (the files of two models mixed?)")
+        if hashlib.sha256(data).hexdigest() != doc["sha256"]:
+            raise ConfigError(f"{state_path}: sha256 differs from the one in {CONFIG_FILE}: the file was changed or "
+                              "damaged after saving")
+    bad = _non_finite(tensors)
+    if bad is not None:
+        raise ConfigError(f"{state_path}: tensor {bad!r} holds NaN or inf")
+    return tensors

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from clad.data.io import load_batch
-from clad.detectors.base import Detector
+from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.coreset import single_thread
 from clad.ops.smoothing import smooth_maps, smooth_working
@@ -40,11 +40,12 @@ class PaDiMConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("stage1", "stage2", "stage3")
     grid_layer: str = "stage2"  # the layer whose grid the Gaussians live on
-    image_size: int = 256
-    n_features: int = 100  # random channel subset (capped at the number of channels)
-    eps: float = 1.0  # added to the covariance diagonal (the paper's 0.01 is too small for these features)
-    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
-    batch_size: int = 16
+    image_size: int = bounded(256, "[8, inf)")
+    n_features: int = bounded(100, "[1, inf)")  # random channel subset (capped at the number of channels)
+    # added to the covariance diagonal (the paper's 0.01 is too small for these features)
+    eps: float = bounded(1.0, "(0, inf)")
+    sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
+    batch_size: int = bounded(16, "[1, inf)")
     seed: int = 0
 
     def __post_init__(self):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from clad.data.io import load_batch
-from clad.detectors.base import Detector
+from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.ops.features import patch_embeddings
 from clad.ops.knn import knn
@@ -18,9 +18,9 @@ from clad.ops.smoothing import smooth_maps
 class PatchKNNConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("stage2", "stage3")
-    image_size: int = 256
-    max_bank: int = 100_000  # random subsample of the memory bank above this many patches
-    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
+    image_size: int = bounded(256, "[8, inf)")
+    max_bank: int = bounded(100_000, "[1, inf)")  # random subsample of the memory bank above this many patches
+    sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
     seed: int = 0
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from clad.data.io import load_batch
-from clad.detectors.base import Detector
+from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.ops.coreset import KCenterIndex, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, patch_embeddings
@@ -49,16 +49,18 @@ from clad.ops.smoothing import smooth_maps
 class PatchCoreConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("stage2", "stage3")
-    image_size: int = 256
-    neighbourhood: int = 3  # local aggregation window, in patches
-    embed_dim: int | None = None  # PatchCore's channel pooling to this many dims; None keeps all channels
-    coreset_ratio: float = 0.1  # fraction of the memory bank kept (1.0: no subsampling)
-    projection_dim: int | None = 128  # random projection used by the coreset selection only
-    n_probe: int = 0  # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    image_size: int = bounded(256, "[8, inf)")
+    neighbourhood: int = bounded(3, "[1, inf)")  # local aggregation window, in patches
+    # PatchCore's channel pooling to this many dims; None keeps all channels
+    embed_dim: int | None = bounded(None, "[1, inf)")
+    coreset_ratio: float = bounded(0.1, "(0, 1]")  # fraction of the memory bank kept (1.0: no subsampling)
+    projection_dim: int | None = bounded(128, "[1, inf)")  # random projection used by the coreset selection only
+    # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
+    n_probe: int = bounded(0, "[0, inf)")
     # n_probe applies to memories of at least this many rows; smaller ones are searched exactly, since there the
     # approximate search saves little and its few, small clusters cost accuracy (bottle at 1 shot, 103 rows:
     # image AUROC 91.4 against 99.6 exact, seeds 0-4, before exact_max).
-    probe_min: int = field(default=8192, metadata={"omit_from_key_when": {"n_probe": 0}})
+    probe_min: int = bounded(8192, "[0, inf)", omit_from_key_when={"n_probe": 0})
     # With n_probe, the patches that may hold an image's largest score are searched again exactly, highest
     # approximate score first, until that maximum is certain (``exact_top``): image scores are then the exact
     # search's, and only the map keeps approximate values below each image's top. Full-shot magnetic tile, 78k
@@ -69,31 +71,22 @@ class PatchCoreConfig:
     # each patch's candidate row is found there, its distance measured in all channels); None searches all
     # channels with ``KCenterIndex``'s clusters. Bottle full-shot, n_probe=1: search 0.9 against 1.9 ms/image,
     # the same AUROCs (benchmarks/README.md, "Session 10").
-    probe_dim: int | None = field(default=32, metadata={"omit_from_key_when": {"n_probe": 0}})
+    probe_dim: int | None = bounded(32, "[1, inf)", omit_from_key_when={"n_probe": 0})
     # predict splits each batch into this many parts, run side by side on threads with one torch thread each
     # (None: torch's thread count; 1: the whole batch in one call, torch's threads inside each operation). On 2
     # cores, bottle full-shot with n_probe=1: 1.12 against 1.45 times the bare forward's time, back to back
     # (benchmarks/README.md, "Session 10"): the search's own threads no longer wait on cores that OpenMP keeps
     # spinning after each parallel operation.
-    workers: int | None = field(default=None, metadata={"omit_from_key_when": {"workers": None}})
+    workers: int | None = bounded(None, "[1, inf)", omit_from_key_when={"workers": None})
     reweight: bool = False  # Eq. 7 of the paper on the image score
-    reweight_neighbours: int = 3  # b in Eq. 7: memory items around m* (m* included)
-    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
-    batch_size: int = 16  # images per backbone call during fit
+    # b in Eq. 7: memory items around m* (m* included); b = 1 would make every weight 0
+    reweight_neighbours: int = bounded(3, "[2, inf)")
+    sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
+    batch_size: int = bounded(16, "[1, inf)")  # images per backbone call during fit
     seed: int = 0
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1 or None (torch's thread count), got {self.workers}")
-        if self.probe_dim is not None and self.probe_dim < 1:
-            raise ValueError(f"probe_dim must be >= 1 or None (all channels), got {self.probe_dim}")
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.n_probe < 0:
-            raise ValueError(f"n_probe must be >= 0 (0: exact search), got {self.n_probe}")
-        if self.reweight_neighbours < 2:
-            raise ValueError(f"reweight_neighbours must be >= 2 (b = 1 makes every weight 0), got {self.reweight_neighbours}")
 
 
 def coreset_size(n_patches: int, ratio: float) -> int:

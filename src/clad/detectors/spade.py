@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from clad.data.io import load_batch
-from clad.detectors.base import Detector
+from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures
 from clad.detectors.padim import on_grid
 from clad.ops.knn import knn
@@ -34,11 +34,11 @@ class SPADEConfig:
     layers: tuple[str, ...] = ("stage1", "stage2", "stage3")  # pixel-level features
     grid_layer: str = "stage2"  # the grid the pixel-level features are compared on
     global_layer: str = "stage4"  # average-pooled for the image-level k-NN
-    image_size: int = 256
-    n_neighbour_images: int = 50  # K (fewer when fewer normal images were given)
-    k: int = 1  # pixel-level neighbours (kappa)
-    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
-    batch_size: int = 16
+    image_size: int = bounded(256, "[8, inf)")
+    n_neighbour_images: int = bounded(50, "[1, inf)")  # K (fewer when fewer normal images were given)
+    k: int = bounded(1, "[1, inf)")  # pixel-level neighbours (kappa)
+    sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
+    batch_size: int = bounded(16, "[1, inf)")
     seed: int = 0
 
     def __post_init__(self):
