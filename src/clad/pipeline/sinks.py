@@ -66,8 +66,9 @@ class FileSink(BaseSink):
 
 
 class PredictionsCSV(FileSink):
-    """``path,score[,label]`` per image (score to 6 significant digits; label "anomalous"/"normal" when
-    ``labels``, i.e. when the detector has a threshold). Flushed after each batch: what is done stays done."""
+    """``path,score[,score_normalized,label]`` per image (scores to 6 significant digits; with ``labels``, i.e.
+    when the detector has a threshold, the score on the scale where the threshold is 0.5, empty for a model saved
+    without that scale, and the label "anomalous"/"normal"). Flushed after each batch: what is done stays done."""
 
     def __init__(self, path: str | Path, labels: bool = False):
         super().__init__(path)
@@ -75,13 +76,14 @@ class PredictionsCSV(FileSink):
 
     def open(self) -> None:
         self.writer = csv.writer(self._create())
-        self.writer.writerow(["path", "score"] + (["label"] if self.labels else []))
+        self.writer.writerow(["path", "score"] + (["score_normalized", "label"] if self.labels else []))
 
     def write(self, batch: Sequence[Prediction]) -> None:
         for p in batch:
             row = [p.path, f"{p.score:.6g}"]
             if self.labels:
-                row.append("anomalous" if p.label else "normal")
+                normalized = "" if p.score_normalized is None else f"{p.score_normalized:.6g}"
+                row += [normalized, "anomalous" if p.label else "normal"]
             self.writer.writerow(row)
         self.fh.flush()
 
