@@ -155,3 +155,9 @@ def test_threshold_figures_by_hand():
     none = threshold_figures(labels, scores, threshold=None, f1_threshold=5.0)  # nothing flagged: precision nan
     assert np.isnan(none["threshold_precision"]) and np.isnan(none["image_f1_precision"])
     assert none["image_f1_recall"] == 0.0
+
+
+def test_zero_shot_winclip_takes_its_threshold_from_the_images_given_to_fit(tiny_clip_dir):
+    det = clad.create_detector("winclip", backbone=f"clip:{tiny_clip_dir}", few_shot=False)
+    det.fit([texture((64, 64), s) for s in range(2)])
+    assert np.isfinite(det.threshold_) and det.threshold_source_ == "references" and det.threshold_scale_ > 0
