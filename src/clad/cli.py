@@ -188,6 +188,12 @@ def _eval(args) -> int:
     res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size,
                    keep_predictions=args.explain)
     pred = res.pop("_predictions", None)
+    if not res["n_test"]:
+        from clad.errors import DatasetError
+
+        for f in res["failures"]:
+            print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
+        raise DatasetError(f"{args.data}: no test image could be read, so there is nothing to measure")
     res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
     name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
     print(name)
