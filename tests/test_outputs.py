@@ -204,6 +204,31 @@ def test_a_folder_reached_twice_is_listed_once(tmp_path):
     assert "a folder already listed" in entries[1].reason
 
 
+def test_resume_from_another_working_folder_skips_what_is_done(model, many, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.chdir(many)
+    assert main(["predict", "--model", str(model), "--input", "d0", "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", str(model), "--input", str(many / "d0"), "--out", str(out), "--resume"]) == 0
+    assert len(_rows(out)) == len(list((many / "d0").iterdir()))
+
+
+def test_a_path_listed_twice_is_done_once_and_dangling_dataset_images_are_reported(tmp_path):
+    from clad.data import ImageFolder
+    from clad.errors import ImageLoadError
+    from clad.pipeline import Unusable, from_paths
+
+    a = save_png(texture((8, 8), 1), tmp_path / "good" / "a.png")
+    entries = from_paths([a, tmp_path / "good" / "b.png", tmp_path / "good" / ".." / "good" / "a.png"])
+    assert [type(e) for e in entries] == [type(entries[0])] * 2 + [Unusable]
+    assert entries[2].reason == "listed twice (first as entry 1)"
+    os.symlink(tmp_path / "gone.png", tmp_path / "good" / "b.png")
+    data = ImageFolder(tmp_path / "good")
+    assert [Path(p).name for p in data.paths] == ["a.png", "b.png"]
+    with pytest.raises(ImageLoadError, match="b.png: dangling symbolic link"):
+        data[1]
+
+
 # -- the pieces ----------------------------------------------------------------------------------------------
 class Flat:
     """A stand-in detector: score = mean pixel, map = channel mean."""

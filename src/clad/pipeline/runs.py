@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -37,15 +38,16 @@ class RunFolder:
 
     identity: what must match for a run to be resumed (e.g. the model's digest, the input, the settings); info:
     more to record. ``previous`` is the record (``run.json``) found there, if any. With ``resume``, ``done`` holds
-    the paths the previous run finished (the ``path`` column of ``done_file``) and ``todo`` leaves them out; a
-    folder without a record, or whose record has another identity, is refused (OutputError).
+    the paths the previous run finished (the ``path`` column of ``done_file``, made absolute from the working
+    folder it ran in) and ``todo`` leaves them out; a folder without a record, or whose record has another
+    identity, is refused (OutputError).
     """
 
     def __init__(self, folder: str | Path, identity: dict, info: dict | None = None, resume: bool = False,
                  done_file: str = "predictions.csv", what: str = "--out"):
         self.folder, self.resume, self.done_file, self.what = Path(folder), resume, done_file, what
         self.identity = json.loads(json.dumps(identity))  # as it reads back from run.json (tuples -> lists)
-        self.info = dict(info or {})
+        self.info = dict(info or {}, cwd=os.getcwd())  # what relative paths in the outputs are relative to
         self.previous: dict | None = None
         self.done: set[str] = set()
 
@@ -79,7 +81,8 @@ class RunFolder:
                     old, value = f"{str(old)[:12]}...", f"{str(value)[:12]}..."
                 raise OutputError(f"--resume: the run in {self.folder} was made with {key} {old!r}, this one has "
                                   f"{value!r}; run with the same, or without --resume to start afresh")
-        self.done = set(read_done(self.folder / self.done_file))
+        cwd = self.previous.get("cwd") or os.getcwd()
+        self.done = {os.path.normpath(os.path.join(cwd, p)) for p in read_done(self.folder / self.done_file)}
 
     @property
     def interrupted_before(self) -> bool:
@@ -88,7 +91,7 @@ class RunFolder:
 
     def todo(self, entries: Sequence[Entry]) -> list[Entry]:
         """The entries not done yet."""
-        return [e for e in entries if e.path not in self.done]
+        return [e for e in entries if os.path.abspath(e.path) not in self.done]
 
     def record(self) -> RunRecord:
         """The sink writing this run's ``run.json`` (put it last); a resumed run adds the counts of the previous."""
