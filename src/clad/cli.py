@@ -269,8 +269,8 @@ def cmd_demo(args) -> int:
     from clad.demo import run_demo
     from clad.pipeline import output_lock
 
-    with output_lock(args.out, "folder") as out:
-        run_demo(out, detector=args.detector, backbone=args.backbone)
+    with output_lock(args.out, "folder"):
+        run_demo(Path(args.out), detector=args.detector, backbone=args.backbone)
     return 0
 
 
