@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clad.bench.files import plain
+from clad.errors import SpecError
 from clad.specs import DetectorSpec, dataset_name, detector_params, shots_text, split_top
 
 
@@ -39,7 +40,7 @@ def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str
     if wanted is not None:
         missing = [c for c in wanted if c not in seen]
         if missing and any(not s.startswith("folder:") for s in data_specs):
-            raise ValueError(f"--categories: {missing} not found in {', '.join(map(dataset_name, data_specs))}")
+            raise SpecError(f"--categories: {missing} not found in {', '.join(map(dataset_name, data_specs))}")
     return out
 
 

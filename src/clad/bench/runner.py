@@ -2,7 +2,9 @@
 
 A finished run is one JSON file ``DIR/runs/<category>-<detector>-shots<n>-seed<r>-<key>.json`` (``Run.filename``);
 a rerun skips the runs it finds there, so an interrupted bench goes on where it stopped. A run that raises is
-recorded with its error and traceback tail, and retried by the next invocation. Detectors of one (dataset,
+recorded with its error and traceback tail, and retried by the next invocation. Ctrl-C or SIGTERM (under
+``clad.pipeline.outputs.stop_on_signals``) stops between two writes: every finished run stays cached, the run in
+progress leaves nothing, and the tables are written from the finished ones. Detectors of one (dataset,
 category, shots, seed) that differ only in inference parameters share one fit (``fit_signature`` / ``adopt``).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from clad.bench.files import plain, read_json, write_json
 from clad.bench.measure import MeasuredDetector, PeakMemory, backbone_time, machine
 from clad.bench.plan import Run, plan_runs, resolve_categories
 from clad.bench.render import write_outputs
+from clad.pipeline.outputs import uninterrupted
 from clad.specs import dataset_name, parse_data_specs, parse_detector_specs, parse_shots, shots_text, with_aux
 
 RUN_FORMAT = "clad-bench-run"
@@ -190,8 +193,9 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
                 "detectors": [dataclasses.asdict(d) for d in det_specs], "shots": [shots_text(s) for s in shot_list],
                 "runs": runs, "seeds": list(range(runs)), "batch_size": batch_size,
                 "pixel_eval_size": pixel_eval_size, "command": command}
-    written = write_outputs(out, records, settings, env, det_specs, n_planned=len(plan), plots=plots,
-                            interrupted=interrupted)
+    with uninterrupted(raise_after=False):  # a signal now would only cut the tables in half
+        written = write_outputs(out, records, settings, env, det_specs, n_planned=len(plan), plots=plots,
+                                interrupted=interrupted)
     summary = dict(counts, planned=len(plan), interrupted=interrupted, records=records, **written)
     print(f"bench: {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed"
           f"{', interrupted' if interrupted else ''} -> {written['report']}")

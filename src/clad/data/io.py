@@ -1,6 +1,7 @@
 """Robust image and mask reading: any mode and bit depth in, RGB uint8 (or bool mask) out."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -17,12 +18,19 @@ MAX_PIXELS = 16384 * 16384
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """A visible file with an image extension; a symbolic link that leads nowhere counts (so that reading it fails
+    with its reason instead of the file going missing without a word)."""
+    return ((path.is_file() or path.is_symlink()) and path.suffix.lower() in IMAGE_SUFFIXES
+            and not path.name.startswith("."))
 
 
 def _open(path: Path) -> Image.Image:
     if not path.exists():
+        if path.is_symlink():
+            raise ImageLoadError(f"{path}: dangling symbolic link or link loop (to {os.readlink(path)})")
         raise ImageLoadError(f"{path}: no such file")
+    if not path.is_file() and not path.is_dir():
+        raise ImageLoadError(f"{path}: not a regular file")  # a FIFO or device would block or never end
     if path.is_dir():
         raise ImageLoadError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
