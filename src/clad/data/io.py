@@ -15,6 +15,8 @@ from clad.types import ImageLike
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Refuse decompression bombs with a clear error instead of PIL's warning; 16k x 16k is far above any camera here.
 MAX_PIXELS = 16384 * 16384
+# A side longer than JPEG's and WebP's limit is no camera image: a few bytes of TIFF header can declare 5 x 8.7M.
+MAX_SIDE = 65535
 
 
 def is_image_file(path: Path) -> bool:
@@ -40,7 +42,7 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             try:
-                if img.width * img.height > MAX_PIXELS:
+                if img.width * img.height > MAX_PIXELS or max(img.size) > MAX_SIDE:
                     raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
                 img.load()  # decode now, so truncated data fails here and names the file
             except BaseException:
@@ -61,21 +63,27 @@ def _deep_gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     Stretching each image to its own min/max would make the same surface look different in a reference and in a
     test image (e.g. a bright defect darkens everything else); that is only the fallback for unknown ranges.
     """
-    a = np.where(np.isfinite(a), a, 0.0)  # NaN / inf pixels of float images count as black
+    a[~np.isfinite(a)] = 0.0  # NaN / inf pixels of float images count as black; in place: large images are common
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0  # full 16-bit range -> 0..255
+        a /= 257.0  # full 16-bit range -> 0..255
     elif mode == "F" and lo >= 0 and hi <= 1.0:
-        a = a * 255.0
+        a *= 255.0
     elif lo < 0 or hi > 255:
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+        if hi > lo:
+            a -= lo
+            a *= 255.0 / (hi - lo)
+        else:
+            a[:] = 0.0
+    return np.clip(np.round(a, out=a), 0, 255, out=a).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = _deep_gray_to_uint8(np.asarray(img, dtype=np.float64), img.mode)
+        # float32 holds 16-bit values exactly (and x / 257 is never within float32's error of a rounding tie)
+        a = _deep_gray_to_uint8(np.array(img, dtype=np.float32 if img.mode.startswith("I;16") else np.float64),
+                                img.mode)
         return np.repeat(a[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
