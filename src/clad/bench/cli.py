@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="bench folder: runs/ (cache), results.json, report.md, plots/")
     p.add_argument("--aux", metavar="SPEC", help="labelled defects of other categories for CLAD to train on too, "
                    "e.g. mvtec:ROOT (the evaluated category is always left out)")
+    p.add_argument("--corruptions", metavar="NAME[:S,S...],...|all",
+                   help="also evaluate every cell on corrupted test images, e.g. 'gaussian_noise:1,2,3,blur,jpeg:2' "
+                        "(a bare name: severities 1-3) or 'all' (every corruption of clad.data.corruptions at 1-3)")
     p.add_argument("--batch-size", type=int, default=16, help="predict and backbone-timing batch (default 16)")
     p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -47,6 +50,8 @@ def _command(args) -> list[str]:
         out += ["--pixel-eval-size", str(args.pixel_eval_size or 0)]
     if args.aux:
         out += ["--aux", args.aux]
+    if args.corruptions:
+        out += ["--corruptions", args.corruptions]
     return [f"'{a}'" if re.search(r"[\s\[\];@]", a) else a for a in out]
 
 
@@ -75,7 +80,7 @@ def cmd_bench(args) -> int:
             raise SystemExit("clad bench: --out DIR is needed (or --rating-sheet DIR, or --ratings with --key)")
         summary = run_bench(args.out, args.data, args.categories, args.detectors, args.shots, args.runs,
                             batch_size=args.batch_size, pixel_eval_size=pes, plots=not args.no_plots,
-                            argv=_command(args), aux=args.aux)
+                            argv=_command(args), aux=args.aux, corruptions=args.corruptions)
     except ValueError as e:  # bad --data/--detectors/--shots/--categories: say which, no traceback
         raise SystemExit(f"clad bench: {e}") from None
     if summary["interrupted"]:
