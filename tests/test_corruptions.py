@@ -104,3 +104,17 @@ def test_parse_corruptions():
             parse_corruptions(bad)
     with pytest.raises(ValueError, match="unknown corruption 'fog'"):
         corrupt(np.zeros((4, 4, 3), np.uint8), None, "fog", 1)
+
+
+def test_jittered_copies_are_seeded_and_join_patchcore_memory(image_and_mask):
+    from clad.data.corruptions import jittered_copies
+    from clad.registry import create_detector
+
+    images = [image_and_mask[0], image_and_mask[0][::-1].copy()]
+    a, b = jittered_copies(images, 2, (0, 0)), jittered_copies(images, 2, (0, 0))
+    assert len(a) == 4 and all(x.shape == images[0].shape and x.dtype == np.uint8 for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], a[1])
+    assert jittered_copies(images, 0, 0) == []
+    plain = create_detector("patchcore", backbone="tiny_cnn", image_size=32).fit(images)
+    jittered = create_detector("patchcore", backbone="tiny_cnn", image_size=32, reference_jitter=2).fit(images)
+    assert jittered.bank_size_ == 3 * plain.bank_size_
