@@ -47,13 +47,14 @@ def test_same_seed_same_result(image_and_mask, name):
 
 def test_noise_differs_between_seeds_and_grows_with_severity(image_and_mask):
     image, _ = image_and_mask
-    assert not np.array_equal(corrupt(image, None, "gaussian_noise", 1, 0)[0], corrupt(image, None, "gaussian_noise", 1, 1)[0])
+    seed0, seed1 = (corrupt(image, None, "gaussian_noise", 1, seed)[0] for seed in (0, 1))
+    assert not np.array_equal(seed0, seed1)
     err = [np.abs(corrupt(image, None, "gaussian_noise", s, 0)[0].astype(int) - image).mean() for s in SEVERITIES]
     assert err[0] < err[1] < err[2]
 
 
 def test_mask_follows_a_translation_and_its_uncovered_part_is_normal():
-    # a horizontal ramp: a translation by (dx, dy) shows up in the image as the same shift of the mask's box
+    # a bright square with its mask: after the move the bright pixels must be where the moved mask is
     image = np.zeros((60, 60, 3), np.uint8)
     mask = np.zeros((60, 60), bool)
     mask[20:30, 20:30] = True

@@ -153,7 +153,8 @@ def jittered_copies(images: Sequence[np.ndarray], copies: int, seed) -> list[np.
                 x = (x - grey) * rng.uniform(*JITTER["contrast"]) + grey
             x = _clip(x)
             if rng.random() < 0.5:
-                x = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(rng.uniform(*JITTER["blur"]) * short)))
+                radius = rng.uniform(*JITTER["blur"]) * short
+                x = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(radius)))
             if rng.random() < 0.5:
                 x = _clip(x + rng.normal(0.0, rng.uniform(*JITTER["gaussian_noise"]) * 255.0, x.shape))
             out.append(x)
