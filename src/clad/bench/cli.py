@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="bench folder: runs/ (cache), results.json, report.md, plots/")
     p.add_argument("--aux", metavar="SPEC", help="labelled defects of other categories for CLAD to train on too, "
                    "e.g. mvtec:ROOT (the evaluated category is always left out)")
+    p.add_argument("--corruptions", metavar="NAME[:S,S...],...|all",
+                   help="also evaluate every cell on corrupted test images, e.g. 'gaussian_noise:1,2,3,blur,jpeg:2' "
+                        "(a bare name: severities 1-3) or 'all' (every corruption of clad.data.corruptions at 1-3)")
     p.add_argument("--batch-size", type=POSITIVE, default=16, help="predict and backbone-timing batch (default 16)")
     p.add_argument("--pixel-eval-size", type=NATURAL, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -53,6 +56,8 @@ def _command(args) -> list[str]:
         out += ["--pixel-eval-size", str(args.pixel_eval_size or 0)]
     if args.aux:
         out += ["--aux", args.aux]
+    if args.corruptions:
+        out += ["--corruptions", args.corruptions]
     return [f"'{a}'" if re.search(r"[\s\[\];@]", a) else a for a in out]
 
 
@@ -83,7 +88,7 @@ def cmd_bench(args) -> int:
     with output_lock(args.out, "folder"):
         summary = run_bench(args.out, args.data, args.categories, args.detectors, args.shots, args.runs,
                             batch_size=args.batch_size, pixel_eval_size=pes, plots=not args.no_plots,
-                            argv=_command(args), aux=args.aux)
+                            argv=_command(args), aux=args.aux, corruptions=args.corruptions)
     if summary["interrupted"]:
         return 130
     return 1 if summary["failed"] else 0
