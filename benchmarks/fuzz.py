@@ -239,7 +239,9 @@ def run_child(name: str, seconds: float, out: Path) -> None:
             longest = max(map(len, seeds))  # whole model files from the start, not libFuzzer's slowly growing limit
             atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={int(seconds)}", "-timeout=60",
                            f"-max_len={longest + 4096}", "-len_control=0",
-                           "-rss_limit_mb=4096", f"-artifact_prefix={out}/{name}-", "-print_final_stats=1"], recorder)
+                           # One allocation over 2 GB is a finding; the process as a whole may grow further, as
+                           # many large legal images (e.g. a 14085 x 1536 GIF) fragment its heap.
+                           "-malloc_limit_mb=2048", "-rss_limit_mb=12288", f"-artifact_prefix={out}/{name}-", "-print_final_stats=1"], recorder)
             atheris.Fuzz()  # ends the process when the time is up
         rng = random.Random(0)
         for s in seeds:

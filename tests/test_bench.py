@@ -352,3 +352,47 @@ def test_a_metric_declared_once_reaches_eval_the_bench_and_the_readme(synth, tmp
         header = [c.strip() for c in next(line for line in lines if line.startswith(header_start)).split("|")]
         row = [c.strip() for c in next(line for line in lines if line.startswith(row_start)).split("|")]
         assert row[header.index("pixel Dice")] == "25.0"
+
+
+def test_corruptions_reuse_one_fit_keep_clean_keys_and_add_a_robustness_table(synth, tmp_path, monkeypatch, capsys):
+    from clad.detectors.patch_knn import PatchKNN
+
+    fits = []
+    original = PatchKNN._fit
+    monkeypatch.setattr(PatchKNN, "_fit", lambda self, images: (fits.append(len(images)), original(self, images))[1])
+    out = tmp_path / "bench"
+    summary = bench.run_bench(out, f"mvtec:{synth}", "tile", KNN, "1", 1, progress=False, plots=False,
+                              corruptions="gaussian_noise:3,rotate:2")
+    assert (summary["ran"], summary["failed"], summary["planned"]) == (3, 0, 3)
+    assert fits == [1]  # one fit serves the clean and both corrupted test sets
+    by = {r["settings"].get("corruption"): r for r in summary["records"]}
+    assert set(by) == {None, "gaussian_noise:3", "rotate:2"}
+    clean_run = bench.Run(f"mvtec:{synth}", "tile", parse_detector_specs(KNN)[0], 1, 0)
+    assert by[None]["key"] == clean_run.key(256)  # a clean run keeps the key it has without --corruptions
+    assert by["rotate:2"]["key"] != clean_run.key(256) and "-rotate2-" in by["rotate:2"]["file"]
+    assert by["rotate:2"]["fit_shared_with"] == "knn" and by[None]["fit_shared_with"] is None
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["corruptions"] == ["gaussian_noise:3", "rotate:2"]
+    assert doc["tables"]["table1"][0]["image_auroc"]["n_runs"] == 1  # the paper's tables: the clean run only
+    (row,) = doc["tables"]["robustness"]
+    clean = by[None]["metrics"]
+    assert row["clean"]["image_auroc"] == pytest.approx(100 * clean["image_auroc"])
+    noisy = by["gaussian_noise:3"]["metrics"]
+    assert row["drop"]["gaussian_noise"]["pixel_auroc"] == pytest.approx(
+        100 * (clean["pixel_auroc"] - noisy["pixel_auroc"]))
+    assert set(row["drop"]) == {"gaussian_noise", "rotate", "severity 2", "severity 3", "mean"}
+    report = (out / "report.md").read_text()
+    assert "## Robustness" in report and "| gaussian_noise | rotate | mean |" in report
+    assert bench.report_from_results(out) == report
+    assert main(["bench", "--data", f"mvtec:{synth}", "--detectors", KNN, "--out", str(out), "--corruptions", "fog"]) == 2
+    assert "clad: error: --corruptions: unknown corruption 'fog'" in capsys.readouterr().err
+
+
+def test_reference_jitter_is_left_out_of_the_cache_key_when_off():
+    def resolved(spec):
+        return bench.Run("mvtec:/d", "bottle", parse_detector_specs(spec)[0], 1, 0).settings()["resolved_params"]
+
+    for name in ("patchcore", "padim"):
+        assert "reference_jitter" not in resolved(name)
+        assert resolved(f"{name}[reference_jitter=1]")["reference_jitter"] == 1

@@ -136,3 +136,25 @@ def test_is_image_file(tmp_path):
     for name in ("a.PNG", "b.jpg", ".hidden.png", "c.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir() if is_image_file(p)) == ["a.PNG", "b.jpg"]
+
+
+def test_a_tiny_file_declaring_a_huge_side_is_refused(tmp_path):
+    # Found by benchmarks/fuzz.py: 183 bytes of TIFF declaring 5 x 8,716,294 16-bit pixels took 1.5 GB to decode.
+    from clad.data.io import load_image
+    from clad.errors import ImageLoadError
+
+    path = tmp_path / "bomb.tif"
+    path.write_bytes(bytes.fromhex("49492a0008000000090000010400010000000500000001010400010000000600850002010300010000001000000003010300010000000100000006010300010000080100000011010400010000007a00000016010400010000000600000017010400010000003c0000001c0103000100000001000000000000007f00d5006800ce00bb009b007e005d009d007500511b00a00071006f0082009900a90077007a0097005d00b600bb002900c1004900b2001900a500b600"))
+    with pytest.raises(ImageLoadError, match="bomb.tif: image too large"):
+        load_image(path)
+
+
+def test_16_bit_grayscale_maps_to_8_bit_exactly(tmp_path):
+    from PIL import Image
+
+    from clad.data.io import load_image
+
+    values = np.arange(0, 65536, 7, dtype=np.uint16)[:64 * 64].reshape(64, 64)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    out = load_image(tmp_path / "deep.png")
+    np.testing.assert_array_equal(out[..., 0], np.round(values.astype(np.float64) / 257.0).astype(np.uint8))

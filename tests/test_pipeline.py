@@ -13,7 +13,7 @@ import pytest
 import clad
 from clad.errors import DatasetError, ImageLoadError
 from clad.pipeline import (BaseSink, Entry, ErrorsCSV, ExplanationsJSON, HTMLReport, MapsNpy, Pipeline,
-                           PredictionsCSV, Prefetcher, from_dataset, from_folder, from_manifest, from_paths,
+                           PredictionsCSV, Prefetcher, Unusable, from_dataset, from_folder, from_manifest, from_paths,
                            open_source)
 from clad.pipeline.flow import _Decoder
 from clad.types import AnomalyResult, Item
@@ -85,8 +85,9 @@ def _no_prefetch_thread_alive() -> bool:
 def test_folder_source_is_recursive_sorted_and_names_mirror_the_tree(tmp_path):
     _tree(tmp_path)
     entries = from_folder(tmp_path)
-    assert [e.name for e in entries] == ["b.png", "sub/a.png", "sub/deeper/c.jpg"]
-    assert entries[1].load().image.shape == (32, 40, 3)
+    assert [e.name for e in entries] == ["b.png", "notes.txt", "sub/a.png", "sub/deeper/c.jpg"]  # .hidden.png: left out
+    assert isinstance(entries[1], Unusable) and entries[1].reason.startswith("unsupported format (.txt;")
+    assert entries[2].load().image.shape == (32, 40, 3)
     assert [e.name for e in from_folder(tmp_path / "b.png")] == ["b.png"]
     with pytest.raises(DatasetError, match="nowhere"):
         from_folder(tmp_path / "nowhere")
@@ -140,9 +141,10 @@ def test_a_corrupt_file_goes_to_the_errors_and_the_stream_goes_on(tmp_path, pref
     (tmp_path / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     sink = Collect()
     summary = Pipeline(MeanDetector(), [sink], batch_size=2, prefetch=prefetch).run(from_folder(tmp_path))
-    assert (summary.n_scored, summary.n_skipped) == (3, 1) and summary.error is None and sink.closed is summary
+    assert (summary.n_scored, summary.n_skipped) == (3, 2) and summary.error is None and sink.closed is summary
     assert [p.path for p in sink.predictions] == [str(files[0]), str(files[1]), str(files[2])]
-    assert sink.errors[0][0].endswith("broken.png") and "broken.png" in sink.errors[0][1]
+    assert [e[0].rsplit("/", 1)[1] for e in sink.errors] == ["notes.txt", "broken.png"]
+    assert "broken.png: cannot read image" in sink.errors[1][1]
 
 
 def test_batches_are_full_batches_of_good_images():
@@ -226,8 +228,8 @@ def test_file_sinks_write_predictions_errors_and_mirrored_maps(tmp_path):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["path"] for r in rows] == [str(f) for f in files] and set(rows[0]) == {"path", "score"}
     errors = list(csv.DictReader(open(out / "errors.csv")))
-    assert len(errors) == 1 and "empty file" in errors[0]["error"]
-    amap = np.load(out / "maps" / "sub" / "deeper" / "c.npy")
+    assert len(errors) == 2 and "unsupported format" in errors[0]["error"] and "empty file" in errors[1]["error"]
+    amap = np.load(out / "maps" / "sub" / "deeper" / "c.jpg.npy")
     assert amap.shape == (32, 40) and amap.dtype == np.float32
 
 
@@ -337,4 +339,4 @@ def test_predict_reads_a_manifest_from_the_command_line(tmp_path):
     assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(manifest), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["path"] for r in rows] == [str(files[1]), str(files[0])]
-    assert (out / "maps" / "sub" / "a.npy").is_file() and (out / "maps" / "b.npy").is_file()
+    assert (out / "maps" / "sub" / "a.png.npy").is_file() and (out / "maps" / "b.png.npy").is_file()

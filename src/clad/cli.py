@@ -1,22 +1,37 @@
-"""The ``clad`` command: fit, predict, eval, demo (and bench, report as they land)."""
+"""The ``clad`` command: fit, predict, eval, report, demo, list and bench.
+
+One error contract for every command: a mistake in what the user gave (an argument, a file, a folder) is one
+line ``clad: error: ...`` and exit code 2; a run stopped by Ctrl-C or SIGTERM keeps what it finished, says what,
+and exits 130; anything else is a bug: its traceback, a line saying so, exit code 1. Every command that writes
+holds its output (``clad.pipeline.outputs.output_lock``) and replaces the previous outputs only when it ends.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from clad.metrics_catalog import eval_rows
-from clad.specs import parse_shot
+from clad.specs import argument_type, parse_int, parse_number, parse_shot
 
 DEFAULT_DETECTOR = "patchcore"
+EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
+POSITIVE = argument_type(parse_int, 1)
+NATURAL = argument_type(parse_int, 0)
+NUMBER = argument_type(parse_number)
 
 
 def _build_detector(args, category: str | None = None):
     """The detector named by ``--detector`` with ``--param``, ``--backbone``, ``--seed`` and ``--aux``."""
+    from clad.errors import CladError, ConfigError
     from clad.registry import create_detector
     from clad.specs import detector_params, parse_params
 
@@ -24,14 +39,19 @@ def _build_detector(args, category: str | None = None):
     if getattr(args, "backbone", None):
         params["backbone"] = args.backbone
     params = detector_params(args.detector, params, seed=args.seed, category=category, aux=getattr(args, "aux", None))
-    return create_detector(args.detector, **params)
+    try:
+        return create_detector(args.detector, **params)
+    except (TypeError, ValueError) as e:  # building only stores and checks the parameters: theirs is the mistake
+        if isinstance(e, CladError):
+            raise
+        raise ConfigError(f"--detector {args.detector} with {params}: {e}") from e
 
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"registry name (default {DEFAULT_DETECTOR}); see `clad list`")
     p.add_argument("--backbone", help="backbone spec, e.g. efficientnet_lite0, tiny_cnn, clip:/path/to/hf_clip_folder")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the choice of references and the detector (default 0)")
+    p.add_argument("--seed", type=NATURAL, default=0, help="seed for the choice of references and the detector (default 0)")
     p.add_argument("--aux", metavar="SPEC", help="CLAD: labelled defects of other categories to train on too, "
                    "e.g. mvtec:ROOT (the evaluated --category is always left out)")
 
@@ -46,48 +66,98 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def cmd_fit(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import load_split
+    from clad.pipeline import output_lock
 
-    train = open_dataset(args.data, args.category, "train", n_shots=parse_shot(args.shots), seed=args.seed)
-    samples, failures = load_split(train, desc="loading references")
-    for f in failures:
-        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
-    det = _build_detector(args, args.category)
-    t0 = time.perf_counter()
-    det.fit([s.image for s in samples])
-    if args.threshold is not None:
-        det.set_threshold(args.threshold)
-    out = det.save(args.out)
+    with output_lock(args.out, "folder"):
+        train = open_dataset(args.data, args.category, "train", n_shots=parse_shot(args.shots), seed=args.seed)
+        det = _build_detector(args, args.category)
+        samples, failures = load_split(train, desc="loading references")
+        for f in failures:
+            print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+        if not samples:
+            from clad.errors import DatasetError
+
+            raise DatasetError(f"{args.data}: no reference image could be read ({len(failures)} skipped)")
+        t0 = time.perf_counter()
+        det.fit([s.image for s in samples])
+        if args.threshold is not None:
+            det.set_threshold(args.threshold)
+        out = det.save(args.out)
     print(f"fitted {det.name} on {len(samples)} reference image(s) in {time.perf_counter() - t0:.1f} s -> {out}")
-    print(f"  threshold {det.threshold_:.6g} (from the {det.threshold_source_}; normalised scores put it at 0.5)")
+    if det.threshold_ is not None:
+        print(f"  threshold {det.threshold_:.6g} (from the {det.threshold_source_}; normalised scores put it at 0.5)")
     return 0
 
 
 # -- predict --------------------------------------------------------------------------------------------------
 def cmd_predict(args) -> int:
     from clad.detectors.base import load_detector
+    from clad.errors import DatasetError, SpecError
     from clad.pipeline import (ErrorLog, ErrorsCSV, ExplanationsJSON, HTMLReport, MapsNpy, Pipeline, PredictionsCSV,
-                               open_source)
+                               RunFolder, folder_digest, open_source, output_lock)
 
+    if args.resume and args.report:
+        raise SpecError("--resume cannot add to an HTML report (it needs every image at once); leave out --report")
     det = load_detector(args.model)
     if args.threshold is not None:
         det.set_threshold(args.threshold)
+    threshold = None if det.threshold_ is None else float(det.threshold_)
     source = open_source(args.input)
-    out = Path(args.out)
-    sinks = [PredictionsCSV(out / "predictions.csv", labels=det.threshold_ is not None), ErrorsCSV(out / "errors.csv"),
-             ErrorLog(), MapsNpy(out / "maps")]
-    if args.explain:
-        sinks.append(ExplanationsJSON(out / "explanations.json"))
-    report = None
-    if args.report:
-        report = HTMLReport(args.report, title=f"clad predict: {det.name} on {args.input}", threshold=det.threshold_)
-        sinks.append(report)
-    summary = Pipeline(det, sinks, batch_size=args.batch_size, explainer=_explainer(det, args), progress=True).run(source)
-    print(f"{summary.n_scored} image(s) scored, {summary.n_skipped} skipped -> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+    identity = {"model_sha256": folder_digest(args.model), "input": os.path.abspath(args.input),
+                "threshold": threshold, "explain": bool(args.explain), "pixel_threshold": args.pixel_threshold,
+                "catalogue": args.catalogue and os.path.abspath(args.catalogue)}
+    info = {"model": os.path.abspath(args.model), "detector": det.name}
+    with RunFolder(args.out, identity, info, resume=args.resume) as run, _hold_report(args.report, run.folder):
+        out = run.folder
+        if run.interrupted_before and not args.resume:
+            print(f"note: {out} holds an interrupted run; this run replaces it when it ends (--resume would go on "
+                  "with it instead)", file=sys.stderr)
+        ours = [out] + ([Path(os.path.abspath(args.report))] if args.report else [])
+        todo = [e for e in run.todo(source) if not any(_inside(e.path, o) for o in ours)]
+        sinks = [MapsNpy(out / "maps", merge=args.resume), ErrorsCSV(out / "errors.csv"), ErrorLog()]
+        if args.explain:
+            sinks.append(ExplanationsJSON(out / "explanations.json", append=args.resume))
+        report = None
+        if args.report:
+            report = HTMLReport(args.report, title=f"clad predict: {det.name} on {args.input}", threshold=threshold)
+            sinks.append(report)
+        record = run.record()
+        sinks += [PredictionsCSV(out / "predictions.csv", labels=threshold is not None, append=args.resume), record]
+        pipeline = Pipeline(det, sinks, batch_size=args.batch_size, explainer=_explainer(det, args), progress=True)
+        try:
+            summary = pipeline.run(todo)
+        except KeyboardInterrupt as e:
+            doc = record.doc
+            e.kept = (f"{doc['scored']} image(s) scored are kept in {Path(args.out) / 'predictions.csv'} with their maps; "
+                      "the same command with --resume finishes the run") if doc else "nothing was kept"
+            raise
+    doc, out = record.doc, Path(args.out)  # shown as the user wrote it
+    flagged = f" ({doc['flagged']} flagged above the threshold {threshold:g})" if threshold is not None else ""
+    before = f", {len(run.done)} done before" if args.resume else ""
+    skipped = f"{summary.n_skipped} skipped" + (f" (reasons in {out / 'errors.csv'})" if summary.n_skipped else "")
+    print(f"predict: {summary.n_scored} image(s) scored{flagged}, {skipped}{before}, in {summary.seconds:.1f} s "
+          f"-> {out / 'predictions.csv'}, maps in {out / 'maps'}")
     if args.explain:
         print(f"explanations -> {out / 'explanations.json'}")
     if report is not None and report.page is not None:
         print(f"report -> {report.page}")
-    return 0 if summary.n_scored else 1
+    if not doc["scored"]:
+        raise DatasetError(f"{args.input}: no image could be scored; the reasons are in {out / 'errors.csv'}")
+    return 0
+
+
+def _inside(path: str, folder: Path) -> bool:
+    """Whether ``path`` lies under ``folder`` (a run's own outputs are never read as its input)."""
+    return os.path.abspath(path).startswith(str(folder).rstrip(os.sep) + os.sep)
+
+
+def _hold_report(report: str | None, out: Path):
+    """The lock of predict's --report folder (none when it is --out itself, already held)."""
+    from clad.pipeline import output_lock
+
+    if report is None or Path(os.path.abspath(report)) == out:
+        return contextlib.nullcontext()
+    return output_lock(report, "folder", "--report")
 
 
 def _explainer(det, args):
@@ -102,8 +172,16 @@ def _explainer(det, args):
 
 # -- eval -----------------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    from clad.pipeline import output_lock
+
+    with output_lock(args.out, "file") if args.out else contextlib.nullcontext():
+        return _eval(args)
+
+
+def _eval(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import environment, evaluate
+    from clad.pipeline import atomic_write
 
     shots = parse_shot(args.shots)
     train = open_dataset(args.data, args.category, "train", n_shots=shots, seed=args.seed)
@@ -112,6 +190,12 @@ def cmd_eval(args) -> int:
     res = evaluate(det, train, test, batch_size=args.batch_size, pixel_eval_size=args.pixel_eval_size,
                    keep_predictions=args.explain)
     pred = res.pop("_predictions", None)
+    if not res["n_test"]:
+        from clad.errors import DatasetError
+
+        for f in res["failures"]:
+            print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
+        raise DatasetError(f"{args.data}: no test image could be read, so there is nothing to measure")
     res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
     name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
     print(name)
@@ -131,13 +215,19 @@ def cmd_eval(args) -> int:
     for f in res["failures"]:
         print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2, default=_json_default))
+        atomic_write(args.out, json.dumps(res, indent=2, default=_json_default))
         print(f"  written {args.out}")
     return 0
 
 
 def cmd_report(args) -> int:
+    from clad.pipeline import output_lock
+
+    with output_lock(args.out, "folder"):
+        return _report(args)
+
+
+def _report(args) -> int:
     from clad.data import open_dataset
     from clad.evaluate import EvalSink, fit_references
     from clad.explain import Catalogue, Explainer
@@ -158,6 +248,10 @@ def cmd_report(args) -> int:
     report = HTMLReport(args.out, title=title, threshold=det.threshold_, references=refs, metrics=lambda: dict(
         scored.metrics, fit_seconds=fit_s, predict_ms_per_image=scored.predict_ms_per_image))
     Pipeline(det, [scored, report], batch_size=args.batch_size, explainer=explainer, progress=True).run(from_dataset(test))
+    if report.page is None:
+        from clad.errors import DatasetError
+
+        raise DatasetError(f"{args.data}: no test image could be read, so there is no report")
     print(f"report -> {report.page}")
     return 0
 
@@ -175,8 +269,10 @@ def _json_default(o):
 # -- demo -----------------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from clad.demo import run_demo
+    from clad.pipeline import output_lock
 
-    run_demo(Path(args.out), detector=args.detector, backbone=args.backbone)
+    with output_lock(args.out, "folder"):
+        run_demo(Path(args.out), detector=args.detector, backbone=args.backbone)
     return 0
 
 
@@ -188,47 +284,65 @@ def cmd_list(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every clad mistake (the usage stays in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"clad: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clad", description="Industrial visual anomaly detection and localization.")
+    parser = _Parser(prog="clad", description="Industrial visual anomaly detection and localization.",
+                     epilog="Exit codes: 0 done, 2 a mistake in the arguments or files (one line 'clad: error: ...'), "
+                            "130 interrupted (Ctrl-C or SIGTERM; what was finished is kept), 1 a bug (a traceback).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit a detector on normal reference images and save it")
     _add_data_args(p)
     _add_detector_args(p)
-    p.add_argument("--threshold", type=float, help="decision threshold on the score, saved with the model")
+    p.add_argument("--threshold", type=NUMBER, help="decision threshold on the score, saved with the model")
     p.add_argument("--out", required=True, help="folder to save the model in (config.json + model.safetensors)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="score images with a saved model; write scores and anomaly maps")
+    p = sub.add_parser(
+        "predict", help="score images with a saved model; write scores and anomaly maps",
+        description="Score images with a saved model. Symbolic links are followed (a folder is never listed twice, "
+                    "so link loops end); hidden files and folders and the outputs' own folders are not read; every "
+                    "other file that cannot be scored (unsupported format, dangling link, link loop, unreadable) is "
+                    "skipped and listed with its reason in errors.csv. Outputs replace the previous ones only when "
+                    "the run ends; one run at a time writes into an --out folder.")
     p.add_argument("--model", required=True, help="folder written by `clad fit`")
     p.add_argument("--input", required=True, help="an image, a folder of images (searched recursively) or a CSV file with a path column")
-    p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/**/*.npy")
-    p.add_argument("--threshold", type=float, help="label images whose score is above this")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/<input path>.npy, "
+                   "run.json (the model, settings and counts of the run)")
+    p.add_argument("--resume", action="store_true", help="go on with the interrupted run in --out (same model, input "
+                   "and settings): images already in its predictions.csv are not scored again")
+    p.add_argument("--threshold", type=NUMBER, help="label images whose score is above this")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--explain", action="store_true", help="also write explanations.json (regions, defect types, a sentence per image)")
     p.add_argument("--report", metavar="DIR", help="also write an HTML report (index.html + PNGs) to DIR")
     p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for the explanations: DIR/<type>/<image> + mask")
-    p.add_argument("--pixel-threshold", type=float, help="map threshold for explained regions (default: the model's "
+    p.add_argument("--pixel-threshold", type=NUMBER, help="map threshold for explained regions (default: the model's "
                    "threshold when its score is the map maximum, else the 99.5th percentile of each batch's maps)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="fit on references and measure on a labelled test split")
     _add_data_args(p)
     _add_detector_args(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--pixel-eval-size", type=NATURAL, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--out", help="write every figure with its settings to this JSON file")
     p.add_argument("--explain", action="store_true", help="also measure how often explanations name the right defect type")
     p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for --explain: DIR/<type>/<image> + mask")
-    p.add_argument("--catalogue-shots", type=int, metavar="N", help="--explain: take N seeded examples per defect type "
-                   "out of the test set as the catalogue and measure naming on the rest")
+    p.add_argument("--catalogue-shots", type=POSITIVE, metavar="N", help="--explain: take N seeded examples per defect "
+                   "type out of the test set as the catalogue and measure naming on the rest")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="fit on references, predict and explain a labelled test split, write an HTML report")
     _add_data_args(p)
     _add_detector_args(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--pixel-eval-size", type=int, default=256, help="longer side for pixel metrics (0 = native)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--pixel-eval-size", type=NATURAL, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for the explanations: DIR/<type>/<image> + mask")
     p.add_argument("--out", required=True, help="report folder (index.html + PNGs)")
     p.set_defaults(func=cmd_report)
@@ -248,17 +362,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# An error from the system that is the user's to fix (a full disk, a read-only or forbidden folder), not a bug.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def main(argv: list[str] | None = None) -> int:
     from clad.errors import CladError
+    from clad.pipeline import stop_on_signals
 
     args = build_parser().parse_args(argv)
     if getattr(args, "pixel_eval_size", None) == 0:
         args.pixel_eval_size = None
     try:
-        return args.func(args)
-    except (CladError, KeyError) as e:
-        print(f"clad: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+        with stop_on_signals():
+            return args.func(args)
+    except CladError as e:
+        return _error(e)
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            return _bug()
+        return _error(e)
+    except KeyboardInterrupt as e:
+        how = str(e) or "SIGINT"
+        print(f"clad: interrupted ({how}); {getattr(e, 'kept', None) or 'nothing was written'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - a bug: say so, with its traceback
+        return _bug()
+
+
+def _error(e: BaseException) -> int:
+    text = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    print(f"clad: error: {text}", file=sys.stderr)
+    return EXIT_USER
+
+
+def _bug() -> int:
+    traceback.print_exc()
+    print("clad: internal error (a bug): please report it to the clad maintainers with this traceback and the "
+          "command that gave it", file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

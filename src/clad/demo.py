@@ -6,27 +6,41 @@ from pathlib import Path
 
 from clad.data import MVTecAD, make_synthetic_mvtec
 from clad.evaluate import environment, evaluate
+from clad.pipeline.outputs import uninterrupted
 from clad.registry import create_detector
 
 
 def run_demo(out: Path, detector: str = "patchcore", backbone: str | None = None, seed: int = 0) -> dict:
-    """Build a synthetic MVTec-layout set, fit on its normal images, predict its test set, write a report."""
+    """Build a synthetic MVTec-layout set, fit on its normal images, predict its test set, write a report.
+
+    ``out`` gets data/, report/ and metrics.json, built in a staging folder and moved into place at the end, so an
+    interrupted or failed demo leaves the previous ones.
+    """
+    from clad.pipeline import Staging
     from clad.report import write_report
 
     out = Path(out)
-    data_root = make_synthetic_mvtec(out / "data", category="synthetic_tile", n_train=12, n_test_good=6,
-                                     n_test_defect=12, size=192, seed=seed)
-    train = MVTecAD(data_root, "synthetic_tile", "train")
-    test = MVTecAD(data_root, "synthetic_tile", "test")
-    params = {"backbone": backbone} if backbone else {}
-    det = create_detector(detector, **params)
-    res = evaluate(det, train, test, keep_predictions=True)
-    pred = res.pop("_predictions")
-    res["environment"] = environment()
-    report = write_report(out / "report", pred["samples"], pred["result"], title=f"clad demo: {det.name} on a synthetic tile set", metrics=res)
-    (out / "metrics.json").write_text(json.dumps(res, indent=2, default=str))
+    staging = Staging(out, "demo")
+    try:
+        work = staging.open()
+        data_root = make_synthetic_mvtec(work / "data", category="synthetic_tile", n_train=12, n_test_good=6,
+                                         n_test_defect=12, size=192, seed=seed)
+        train = MVTecAD(data_root, "synthetic_tile", "train")
+        test = MVTecAD(data_root, "synthetic_tile", "test")
+        params = {"backbone": backbone} if backbone else {}
+        det = create_detector(detector, **params)
+        res = evaluate(det, train, test, keep_predictions=True)
+        pred = res.pop("_predictions")
+        res["environment"] = environment()
+        write_report(work / "report", pred["samples"], pred["result"],
+                     title=f"clad demo: {det.name} on a synthetic tile set", metrics=res)
+        (work / "metrics.json").write_text(json.dumps(res, indent=2, default=str))
+        with uninterrupted():
+            staging.publish(["data", "report", "metrics.json"])
+    finally:
+        staging.discard()
     print(f"demo: {det.name} fitted on {res['n_references']} normal images in {res['fit_seconds']:.1f} s; "
           f"{res['n_test']} test images at {res['predict_ms_per_image']:.0f} ms each")
     print(f"demo: image AUROC {res['image_auroc']:.3f}, pixel AUROC {res['pixel_auroc']:.3f}, AUPRO {res['aupro']:.3f}")
-    print(f"demo: report -> {report}")
+    print(f"demo: report -> {out / 'report' / 'index.html'}")
     return res

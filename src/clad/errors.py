@@ -27,3 +27,19 @@ class SpecError(CladError, ValueError):
 
 class PluginError(CladError, ImportError):
     """A detector, backbone, text encoder or dataset scheme from another package (an entry point) fails to load."""
+
+
+class OutputError(CladError, OSError):
+    """An output cannot be written: a file where a folder is needed (or the reverse), another clad run writing
+    there, or a run that cannot be resumed."""
+
+
+class UnknownNameError(CladError, KeyError):
+    """A name no registry or table holds; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM, or SIGINT as Ctrl-C) asked the run to stop; what is finished is kept."""

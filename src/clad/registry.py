@@ -18,7 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, Generic, TypeVar
 
 from clad import builtins
-from clad.errors import PluginError
+from clad.errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -56,10 +56,11 @@ class Registry(Generic[T]):
         return obj
 
     def get(self, name: str) -> T:
-        """The object registered as ``name``, loaded if needed; a KeyError listing the names if there is none."""
+        """The object registered as ``name``, loaded if needed; an ``UnknownNameError`` (a KeyError) listing the
+        names if there is none."""
         self._fill()
         if name not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
         entry = self._entries[name]
         if isinstance(entry, EntryPoint):
             entry = self._add(name, self._load(name, entry))

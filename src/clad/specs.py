@@ -232,3 +232,43 @@ def with_aux(specs: list[DetectorSpec], aux: str) -> list[DetectorSpec]:
     if all(o is s for o, s in zip(out, specs)):
         raise SpecError(f"--aux: none of the detectors {[s.label for s in specs]} trains on auxiliary data")
     return out
+
+
+# ------------------------------------------------------------------------------------------- plain values
+
+
+def parse_int(text: Any, low: int | None = None) -> int:
+    """An integer (``low``: the least allowed), e.g. a batch size; SpecError naming the value otherwise."""
+    bound = "" if low is None else f" >= {low}"
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise SpecError(f"expected an integer{bound}, got {text!r}") from None
+    if low is not None and value < low:
+        raise SpecError(f"must be{bound}, got {value}")
+    return value
+
+
+def parse_number(text: Any) -> float:
+    """A finite number, e.g. a threshold (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise SpecError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise SpecError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def argument_type(parse, *args):
+    """``parse`` (one of the parsers here) as an argparse ``type=``: its SpecError becomes argparse's error line."""
+    import argparse
+
+    def convert(text: str):
+        try:
+            return parse(text, *args)
+        except SpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert

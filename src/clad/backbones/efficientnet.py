@@ -44,9 +44,8 @@ class EfficientNetLite0(Backbone):
             raise ValueError(f"normalization must be 'imagenet' or 'tf', got {normalization!r}")
         self.feature_info = [FeatureInfo(n, c, s) for n, (_, c, s) in _STAGES.items()]
         # Channels-last weights, with the channels-last input that ``preprocess`` gives: identical features, which
-        # come out channels-last, so PatchCore's 3x3 aggregation runs about 7x faster (1.2 -> 0.2 ms/image) and
-        # flattening patches needs no copy. The forward itself was 5-11 % faster in two of three quiet timings
-        # on a 2-core VM and 12 % slower in the third (benchmarks/README.md).
+        # come out channels-last, so PatchCore's 3x3 aggregation is much faster and flattening patches needs no
+        # copy (timings in benchmarks/README.md, session 7).
         self.to(memory_format=torch.channels_last)
         self.eval()
 
@@ -55,8 +54,8 @@ class EfficientNetLite0(Backbone):
 
         In eval mode without autograd (inference), each batch norm is folded into its convolution, the padding
         into the convolution and the ReLU6s run in place (``_fused_block``): the same features up to float
-        rounding (a few 1e-6 relative), 2.6x faster (16 images at 256 px to stage 3, 2 threads: 59 -> 23
-        ms/image, medians of 6). With autograd on, or in train mode, the package's modules run as they are.
+        rounding (a few 1e-6 relative) and faster (benchmarks/README.md, session 7). With autograd on, or in train
+        mode, the package's modules run as they are.
         """
         layers = list(layers or _STAGES)
         want = {_STAGES[n][0]: n for n in layers}

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from clad.pipeline.outputs import atomic_write
 
 
 def plain(obj):
@@ -30,10 +31,7 @@ def plain(obj):
 
 def write_json(path: Path, doc) -> None:
     """Write atomically (temporary file + rename), so an interrupted bench never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(plain(doc), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(plain(doc), indent=1, allow_nan=False))
 
 
 def read_json(path: Path):

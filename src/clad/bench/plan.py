@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clad.bench.files import plain
+from clad.errors import SpecError
 from clad.specs import DetectorSpec, dataset_name, detector_params, shots_text, split_top
 
 
@@ -39,7 +40,7 @@ def resolve_categories(data_specs: Sequence[str], categories: str | Sequence[str
     if wanted is not None:
         missing = [c for c in wanted if c not in seen]
         if missing and any(not s.startswith("folder:") for s in data_specs):
-            raise ValueError(f"--categories: {missing} not found in {', '.join(map(dataset_name, data_specs))}")
+            raise SpecError(f"--categories: {missing} not found in {', '.join(map(dataset_name, data_specs))}")
     return out
 
 
@@ -58,6 +59,7 @@ class Run:
     detector: DetectorSpec
     shots: int | None
     seed: int
+    corruption: tuple[str, int] | None = None  # (name, severity) applied to the test images (clad.data.corruptions)
 
     @property
     def category_name(self) -> str:
@@ -86,7 +88,7 @@ class Run:
                 when = f.metadata.get("omit_from_key_when")
                 if when and all(resolved.get(k) == v for k, v in when.items()):
                     resolved.pop(f.name)
-        return {
+        settings = {
             "dataset": self.dataset,
             "category": self.category_name,
             "detector": self.detector.name,
@@ -96,31 +98,45 @@ class Run:
             "seed": self.seed,
             "clad_version": clad.__version__,
         }
+        if self.corruption is not None:  # only then: a clean run keeps the key it had before corruptions existed
+            settings["corruption"] = self.corruption_text
+        return settings
+
+    @property
+    def corruption_text(self) -> str:
+        """``name:severity``, or ``none`` for the clean test set."""
+        return "none" if self.corruption is None else f"{self.corruption[0]}:{self.corruption[1]}"
 
     def key(self, pixel_eval_size: int | None) -> str:
         return cache_key(self.settings(), pixel_eval_size)
 
     def filename(self, pixel_eval_size: int | None) -> str:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.category_name}-{self.detector.name}")
-        return f"{slug}-shots{shots_text(self.shots)}-seed{self.seed}-{self.key(pixel_eval_size)}.json"
+        corrupted = "" if self.corruption is None else f"-{self.corruption[0]}{self.corruption[1]}"
+        return f"{slug}-shots{shots_text(self.shots)}-seed{self.seed}{corrupted}-{self.key(pixel_eval_size)}.json"
 
     def title(self) -> str:
         return (f"{dataset_name(self.dataset)}/{self.category_name} {self.detector.label} "
-                f"shots={shots_text(self.shots)} seed={self.seed}")
+                f"shots={shots_text(self.shots)} seed={self.seed}"
+                + ("" if self.corruption is None else f" corruption={self.corruption_text}"))
 
 
-def plan_runs(data_specs, categories: dict, detectors: Sequence[DetectorSpec], shots: Sequence, seeds) -> list[Run]:
+def plan_runs(data_specs, categories: dict, detectors: Sequence[DetectorSpec], shots: Sequence, seeds,
+              corruptions: Sequence[tuple[str, int]] = ()) -> list[Run]:
     """The grid, category-major so that one category's test images are decoded once for all its runs, and the
-    detectors of one (shots, seed) next to each other so that those of one fit share it (``Detector.adopt``)."""
-    return [Run(d, c, det, s, seed) for d in data_specs for c in categories[d] for s in shots
-            for seed in seeds for det in detectors]
+    detectors of one (shots, seed) next to each other so that those of one fit share it (``Detector.adopt``).
+    With ``corruptions``, each detector's clean run is followed by one run per (name, severity), on the same fit."""
+    versions = [None, *corruptions] if corruptions else [None]
+    return [Run(d, c, det, s, seed, corr) for d in data_specs for c in categories[d] for s in shots
+            for seed in seeds for det in detectors for corr in versions]
 
 
 def n_planned_runs(settings: dict) -> int:
     """How many runs the grid of a results.json's ``settings`` has (datasets x categories x detectors x shots x
-    seeds), whether or not they all finished."""
+    seeds x test sets: the clean one and each corruption), whether or not they all finished."""
     n_cats = sum(len(settings["categories"][dataset_name(d)]) for d in settings["data"])
-    return n_cats * len(settings["detectors"]) * len(settings["shots"]) * len(settings["seeds"])
+    n_versions = 1 + len(settings.get("corruptions") or ())  # the clean test set and each corrupted one
+    return n_cats * len(settings["detectors"]) * len(settings["shots"]) * len(settings["seeds"]) * n_versions
 
 
 def dataset_kind(dataset: str) -> str:

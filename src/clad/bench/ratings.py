@@ -20,6 +20,7 @@ from clad.bench.files import read_json, write_json
 from clad.bench.paper import published
 from clad.bench.plan import Run, dataset_kind, resolve_categories
 from clad.bench.render import md_table
+from clad.errors import SpecError
 from clad.specs import dataset_name, parse_data_specs, parse_detector_specs, parse_shots, shots_text, split_top
 
 KEY_FORMAT = "clad-rating-key"
@@ -53,7 +54,7 @@ def export_rating_sheet(out: str | Path, data, categories="all", detectors="patc
     data_specs = parse_data_specs(data)
     det_specs = parse_detector_specs(detectors)
     if len(det_specs) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} detectors per sheet")
+        raise SpecError(f"at most {len(LETTERS)} detectors per sheet")
     n_shots = parse_shots(shots)[0]
     cats = resolve_categories(data_specs, categories)
     rows, key = [], {}

@@ -88,7 +88,9 @@ def _ablation_labels(det_specs: Sequence[DetectorSpec]) -> list[str]:
 
 def render_report(records: Sequence[dict], settings: dict, env: dict, det_specs: Sequence[DetectorSpec],
                   plots: dict, n_planned: int, interrupted: bool) -> tuple[str, dict]:
-    """The markdown report and the tables it shows."""
+    """The markdown report and the tables it shows: the paper's from the clean test sets, and the robustness
+    table from the corrupted ones (``--corruptions``)."""
+    all_records, records = records, [r for r in records if "corruption" not in r["settings"]]
     tables = build_tables(records, det_specs)
     raw = tables.pop("_raw")
     failed = [r for r in records if r.get("status") != "ok"]
@@ -100,8 +102,11 @@ def render_report(records: Sequence[dict], settings: dict, env: dict, det_specs:
     md += _table4(tables, raw, det_specs, settings.get("pixel_eval_size"))
     md += _speed(tables, raw, records, settings.get("batch_size"))
     md += _per_category(tables, raw, datasets, failed)
+    if settings.get("corruptions"):
+        tables["robustness"] = robustness_rows(all_records)
+        md += _robustness(tables["robustness"], settings["corruptions"])
     md += _plots(plots) if plots else []
-    md += _failures(failed)
+    md += _failures([r for r in all_records if r.get("status") != "ok"])
     return "\n".join(md), tables
 
 
@@ -227,6 +232,70 @@ def _per_category(tables, raw, datasets, failed) -> list[str]:
     return md
 
 
+ROBUSTNESS_TEXT = (
+    "Each detector is fitted once per cell on clean references; its test split is then also evaluated under each "
+    "corruption of `clad.data.corruptions` (test images only; geometric ones move the masks too). A cell is the "
+    "drop in AUROC points (clean minus corrupted; positive = worse), image / pixel, averaged over the severities "
+    "run and the seeds; \"mean\" averages every corrupted set. Clean AUROC is in percent."
+)
+
+
+def robustness_rows(records: Sequence[dict]) -> list[dict]:
+    """Per (dataset, category, detector, shots): the clean image / pixel AUROC (mean over seeds, percent) and,
+    per corruption name and per severity, the mean drop in AUROC points against the clean run of the same seed.
+    Runs without a clean run of their seed are left out."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    cells: dict[tuple, dict] = {}
+    for r in ok:
+        st = r["settings"]
+        cell = cells.setdefault((st["dataset"], st["category"], st["label"], st["shots"]), {"clean": {}, "runs": []})
+        if "corruption" in st:
+            cell["runs"].append(r)
+        else:
+            cell["clean"][st["seed"]] = r["metrics"]
+    rows = []
+    for (ds, cat, label, shots), cell in cells.items():
+        drops: dict[str, dict[str, list]] = {}  # group ("blur", "severity 2", "mean") -> metric -> drops
+        for r in cell["runs"]:
+            clean = cell["clean"].get(r["settings"]["seed"])
+            if clean is None:
+                continue
+            name, severity = r["settings"]["corruption"].split(":")
+            for group in (name, f"severity {severity}", "mean"):
+                for m in ("image_auroc", "pixel_auroc"):
+                    if finite(clean.get(m)) and finite(r["metrics"].get(m)):
+                        drops.setdefault(group, {}).setdefault(m, []).append(100 * (clean[m] - r["metrics"][m]))
+        rows.append({
+            "dataset": ds, "category": cat, "label": label, "shots": shots,
+            "clean": {m: (float(np.mean([c[m] for c in cell["clean"].values()])) * 100
+                          if cell["clean"] and all(finite(c.get(m)) for c in cell["clean"].values()) else None)
+                      for m in ("image_auroc", "pixel_auroc")},
+            "drop": {g: {m: float(np.mean(v)) for m, v in d.items()} for g, d in drops.items()},
+        })
+    return rows
+
+
+def _robustness(rows: Sequence[dict], corruptions: Sequence[str]) -> list[str]:
+    names = list(dict.fromkeys(c.split(":")[0] for c in corruptions))
+    severities = sorted({c.split(":")[1] for c in corruptions})
+
+    def pair(d: dict | None) -> str:
+        if not d:
+            return "—"
+        return " / ".join("—" if d.get(m) is None else f"{d[m]:.1f}" for m in ("image_auroc", "pixel_auroc"))
+
+    by_name = [[r["category"], r["label"], r["shots"], pair(r["clean"]), *(pair(r["drop"].get(n)) for n in names),
+                pair(r["drop"].get("mean"))] for r in rows]
+    by_severity = [[r["category"], r["label"], r["shots"], pair(r["clean"]),
+                    *(pair(r["drop"].get(f"severity {s}")) for s in severities), pair(r["drop"].get("mean"))]
+                   for r in rows]
+    return ["## Robustness: AUROC drop under corruptions", "", ROBUSTNESS_TEXT, "",
+            md_table(["category", "detector", "shots", "clean AUROC", *names, "mean"], by_name), "",
+            "The same drops by severity (mean over the corruptions):", "",
+            md_table(["category", "detector", "shots", "clean AUROC", *(f"severity {s}" for s in severities),
+                      "mean"], by_severity), ""]
+
+
 def _plots(plots: dict) -> list[str]:
     md = ["## Plots", ""]
     for (ds, cat), files in plots.items():
@@ -338,7 +407,8 @@ def _save(fig, ax, title: str, legend_size: int, path: Path) -> None:
 def write_outputs(out: Path, records: Sequence[dict], settings: dict, env: dict, det_specs: Sequence[DetectorSpec],
                   n_planned: int, plots: bool = True, interrupted: bool = False) -> dict:
     """results.json, report.md and plots/*.png from the run records."""
-    plot_files = write_plots(out, records, det_specs) if plots and records else {}
+    clean = [r for r in records if "corruption" not in r["settings"]]
+    plot_files = write_plots(out, clean, det_specs) if plots and clean else {}
     md, tables = render_report(records, settings, env, det_specs, plot_files, n_planned, interrupted)
     (out / "report.md").write_text(md)
     paper = published()

@@ -2,7 +2,9 @@
 
 A finished run is one JSON file ``DIR/runs/<category>-<detector>-shots<n>-seed<r>-<key>.json`` (``Run.filename``);
 a rerun skips the runs it finds there, so an interrupted bench goes on where it stopped. A run that raises is
-recorded with its error and traceback tail, and retried by the next invocation. Detectors of one (dataset,
+recorded with its error and traceback tail, and retried by the next invocation. Ctrl-C or SIGTERM (under
+``clad.pipeline.outputs.stop_on_signals``) stops between two writes: every finished run stays cached, the run in
+progress leaves nothing, and the tables are written from the finished ones. Detectors of one (dataset,
 category, shots, seed) that differ only in inference parameters share one fit (``fit_signature`` / ``adopt``).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from clad.bench.files import plain, read_json, write_json
 from clad.bench.measure import MeasuredDetector, PeakMemory, backbone_time, machine
 from clad.bench.plan import Run, plan_runs, resolve_categories
 from clad.bench.render import write_outputs
+from clad.pipeline.outputs import uninterrupted
 from clad.specs import dataset_name, parse_data_specs, parse_detector_specs, parse_shots, shots_text, with_aux
 
 RUN_FORMAT = "clad-bench-run"
@@ -72,6 +75,10 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
     from clad.registry import create_detector
 
     test_samples, test_failures = tests.get(run.dataset, run.category)
+    if run.corruption is not None:  # the test split only; the references stay clean
+        from clad.data.corruptions import corrupt_samples
+
+        test_samples = corrupt_samples(test_samples, *run.corruption, seed=run.seed)
     train = open_dataset(run.dataset, run.category, "train", n_shots=run.shots, seed=run.seed)
     detector = create_detector(run.detector.name, **run.detector_params())
     source = None if shared_fits is None else shared_fits.find(run, detector)
@@ -117,11 +124,14 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
 
 def run_bench(out: str | Path, data, categories="all", detectors="patchcore", shots="1", runs: int = 5,
               batch_size: int = 16, pixel_eval_size: int | None = 256, plots: bool = True,
-              progress: bool = True, argv: Sequence[str] | None = None, aux: str | None = None) -> dict:
+              progress: bool = True, argv: Sequence[str] | None = None, aux: str | None = None,
+              corruptions: str | None = None) -> dict:
     """Run (or take from the cache) every run of the grid, then write results.json, report.md and plots.
 
     ``aux``: a dataset spec of labelled defects that every detector taking an ``aux`` parameter (CLAD) also trains
     on, unless its spec sets one; the evaluated category itself is never used.
+    ``corruptions``: ``name:severity,...`` or ``all`` (``clad.data.corruptions.parse_corruptions``): every cell is
+    also evaluated on its test split under each of them, on the same fit, and the report adds a robustness table.
 
     Returns a summary: ``ran``, ``cached``, ``failed`` (counts for this invocation), ``interrupted``, the paths
     written and the ``records`` of every planned run that has one.
@@ -132,6 +142,9 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
     data_specs = parse_data_specs(data)
     det_specs = parse_detector_specs(detectors)
     shot_list = parse_shots(shots)
+    from clad.data.corruptions import parse_corruptions
+
+    corruption_list = parse_corruptions(corruptions) if corruptions else []
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
     from clad.registry import detector_class
@@ -141,7 +154,7 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
     if aux:
         det_specs = with_aux(det_specs, aux)
     cats = resolve_categories(data_specs, categories)
-    plan = plan_runs(data_specs, cats, det_specs, shot_list, range(runs))
+    plan = plan_runs(data_specs, cats, det_specs, shot_list, range(runs), corruption_list)
     runs_dir, bt_dir = out / "runs", out / "backbone_times"
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = machine()
@@ -190,8 +203,11 @@ def run_bench(out: str | Path, data, categories="all", detectors="patchcore", sh
                 "detectors": [dataclasses.asdict(d) for d in det_specs], "shots": [shots_text(s) for s in shot_list],
                 "runs": runs, "seeds": list(range(runs)), "batch_size": batch_size,
                 "pixel_eval_size": pixel_eval_size, "command": command}
-    written = write_outputs(out, records, settings, env, det_specs, n_planned=len(plan), plots=plots,
-                            interrupted=interrupted)
+    if corruption_list:
+        settings["corruptions"] = [f"{n}:{s}" for n, s in corruption_list]
+    with uninterrupted(raise_after=False):  # a signal now would only cut the tables in half
+        written = write_outputs(out, records, settings, env, det_specs, n_planned=len(plan), plots=plots,
+                                interrupted=interrupted)
     summary = dict(counts, planned=len(plan), interrupted=interrupted, records=records, **written)
     print(f"bench: {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed"
           f"{', interrupted' if interrupted else ''} -> {written['report']}")

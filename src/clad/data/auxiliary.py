@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from clad.data.datasets import list_categories, open_dataset, resolve_dataset_spec
+from clad.errors import DatasetError
 
 
 def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: int):
@@ -20,11 +21,11 @@ def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: i
         sets = [open_dataset(spec, None, "test")]
     else:
         if not exclude_category:
-            raise ValueError(f"aux={spec!r}: set the evaluated category (config 'category'), so that its own "
+            raise DatasetError(f"aux={spec!r}: set the evaluated category (config 'category'), so that its own "
                              "images are never used for training")
         cats = [c for c in list_categories(spec) if c != exclude_category]
         if not cats:
-            raise ValueError(f"aux={spec!r}: no category other than {exclude_category!r} to train on")
+            raise DatasetError(f"aux={spec!r}: no category other than {exclude_category!r} to train on")
         sets = [open_dataset(spec, c, "test") for c in cats]
     rng = np.random.default_rng(seed)
     groups = []  # one seeded queue of defective images per (category, defect type)
@@ -33,7 +34,7 @@ def load_aux(spec: str, exclude_category: str | None, n: int, seed: int, size: i
             idx = [i for i, (d, y) in enumerate(zip(ds.defect_types, ds.labels)) if y and d == t]
             groups.append([(ds, int(i)) for i in rng.permutation(idx)])
     if not groups:
-        raise ValueError(f"aux={spec!r}: no labelled defective images found")
+        raise DatasetError(f"aux={spec!r}: no labelled defective images found")
     picks = []
     for r in range(max(len(g) for g in groups)):
         picks += [g[r] for g in groups if r < len(g)]

@@ -33,7 +33,7 @@ def few_shot_paths(paths: Sequence[str | Path], n_shots: int | None, seed: int =
     if n_shots is None:
         return ordered
     if isinstance(n_shots, bool) or not isinstance(n_shots, (int, np.integer)) or n_shots < 1:
-        raise ValueError(f"n_shots must be a positive integer or None, got {n_shots!r}")
+        raise DatasetError(f"n_shots must be a positive integer or None, got {n_shots!r}")
     if n_shots > len(ordered):
         raise DatasetError(f"n_shots={n_shots} but only {len(ordered)} image(s) are available")
     order = np.random.default_rng(seed).permutation(len(ordered))[: int(n_shots)]
@@ -42,7 +42,7 @@ def few_shot_paths(paths: Sequence[str | Path], n_shots: int | None, seed: int =
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -124,7 +124,7 @@ class MVTecAD(ImageDataset):
                  seed: int = 0):
         _check_split(split)
         if n_shots is not None and split != "train":
-            raise ValueError("n_shots draws reference images, so it needs split='train'")
+            raise DatasetError("n_shots draws reference images, so it needs split='train'")
         self.root = Path(root)
         base = self.root / category
         if not self.root.is_dir():
@@ -180,7 +180,7 @@ class VisA(ImageDataset):
                  seed: int = 0):
         _check_split(split)
         if n_shots is not None and split != "train":
-            raise ValueError("n_shots draws reference images, so it needs split='train'")
+            raise DatasetError("n_shots draws reference images, so it needs split='train'")
         self.root = Path(root)
         self.split, self.n_shots, self.seed = split, n_shots, seed
         rows = _read_visa_csv(self.root)
@@ -247,7 +247,7 @@ class ImageFolder(ImageDataset):
                  mask_dir: str | Path | None = None, n_shots: int | None = None, seed: int = 0,
                  category: str | None = None):
         if n_shots is not None and defect_dir is not None:
-            raise ValueError("n_shots draws reference images, so it cannot be combined with defect_dir")
+            raise DatasetError("n_shots draws reference images, so it cannot be combined with defect_dir")
         good_dir = Path(good_dir)
         self.good_dir, self.n_shots, self.seed = good_dir, n_shots, seed
         self.defect_dir = None if defect_dir is None else Path(defect_dir)
@@ -320,7 +320,7 @@ def _open_folder(location: str, category: str | None, split: str, n_shots: int |
     if split == "train":
         return ImageFolder(good, n_shots=n_shots, seed=seed, category=category)
     if n_shots is not None:
-        raise ValueError("n_shots draws reference images, so it needs split='train'")
+        raise DatasetError("n_shots draws reference images, so it needs split='train'")
     return ImageFolder(good, defect, masks, category=category)
 
 
@@ -352,5 +352,5 @@ def list_categories(spec: str) -> list[str]:
     """Categories of a "mvtec:ROOT" (subfolders holding train/good) or "visa:ROOT" (objects in its csv) spec."""
     name, scheme, location = resolve_dataset_spec(spec)
     if scheme.categories is None:
-        raise ValueError(f"{name}: datasets have no categories")
+        raise DatasetError(f"{name}: datasets have no categories")
     return scheme.categories(location)

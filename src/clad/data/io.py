@@ -1,6 +1,7 @@
 """Robust image and mask reading: any mode and bit depth in, RGB uint8 (or bool mask) out."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,15 +15,24 @@ from clad.types import ImageLike
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Refuse decompression bombs with a clear error instead of PIL's warning; 16k x 16k is far above any camera here.
 MAX_PIXELS = 16384 * 16384
+# A side longer than JPEG's and WebP's limit is no camera image: a few bytes of TIFF header can declare 5 x 8.7M.
+MAX_SIDE = 65535
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """A visible file with an image extension; a symbolic link that leads nowhere counts (so that reading it fails
+    with its reason instead of the file going missing without a word)."""
+    return ((path.is_file() or path.is_symlink()) and path.suffix.lower() in IMAGE_SUFFIXES
+            and not path.name.startswith("."))
 
 
 def _open(path: Path) -> Image.Image:
     if not path.exists():
+        if path.is_symlink():
+            raise ImageLoadError(f"{path}: dangling symbolic link or link loop (to {os.readlink(path)})")
         raise ImageLoadError(f"{path}: no such file")
+    if not path.is_file() and not path.is_dir():
+        raise ImageLoadError(f"{path}: not a regular file")  # a FIFO or device would block or never end
     if path.is_dir():
         raise ImageLoadError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
@@ -32,7 +42,7 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             try:
-                if img.width * img.height > MAX_PIXELS:
+                if img.width * img.height > MAX_PIXELS or max(img.size) > MAX_SIDE:
                     raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
                 img.load()  # decode now, so truncated data fails here and names the file
             except BaseException:
@@ -53,21 +63,27 @@ def _deep_gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     Stretching each image to its own min/max would make the same surface look different in a reference and in a
     test image (e.g. a bright defect darkens everything else); that is only the fallback for unknown ranges.
     """
-    a = np.where(np.isfinite(a), a, 0.0)  # NaN / inf pixels of float images count as black
+    a[~np.isfinite(a)] = 0.0  # NaN / inf pixels of float images count as black; in place: large images are common
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0  # full 16-bit range -> 0..255
+        a /= 257.0  # full 16-bit range -> 0..255
     elif mode == "F" and lo >= 0 and hi <= 1.0:
-        a = a * 255.0
+        a *= 255.0
     elif lo < 0 or hi > 255:
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+        if hi > lo:
+            a -= lo
+            a *= 255.0 / (hi - lo)
+        else:
+            a[:] = 0.0
+    return np.clip(np.round(a, out=a), 0, 255, out=a).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = _deep_gray_to_uint8(np.asarray(img, dtype=np.float64), img.mode)
+        # float32 holds 16-bit values exactly (and x / 257 is never within float32's error of a rounding tie)
+        a = _deep_gray_to_uint8(np.array(img, dtype=np.float32 if img.mode.startswith("I;16") else np.float64),
+                                img.mode)
         return np.repeat(a[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clad.data.corruptions import jittered_copies
 from clad.data.io import load_batch
 from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures
@@ -45,6 +46,8 @@ class PaDiMConfig:
     # added to the covariance diagonal (the paper's 0.01 is too small for these features)
     eps: float = bounded(1.0, "(0, inf)")
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
+    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
+    reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
     batch_size: int = bounded(16, "[1, inf)")
     seed: int = 0
 
@@ -116,6 +119,7 @@ class PaDiM(BackbonePatchFeatures, Detector):
         n, ref = 0, None
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
+            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, start))
             f = self._grid_features(arrays)  # (B, C, h, w)
             if ref is None:
                 gen = torch.Generator().manual_seed(cfg.seed)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clad.data.corruptions import jittered_copies
 from clad.data.io import load_batch
 from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
@@ -82,6 +83,8 @@ class PatchCoreConfig:
     # b in Eq. 7: memory items around m* (m* included); b = 1 would make every weight 0
     reweight_neighbours: int = bounded(3, "[2, inf)")
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
+    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
+    reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
     batch_size: int = bounded(16, "[1, inf)")  # images per backbone call during fit
     seed: int = 0
 
@@ -208,6 +211,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
         parts = []
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
+            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, start))
             emb = self._embed(arrays)
             parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
         bank = torch.cat(parts)  # (N, C)

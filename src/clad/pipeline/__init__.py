@@ -2,9 +2,16 @@
 predicted in batches, handed to sinks (CSV, ``.npy`` maps, explanations, an HTML report, the metrics).
 
     from clad.pipeline import Pipeline, from_folder, PredictionsCSV, MapsNpy
-    summary = Pipeline(detector, [PredictionsCSV("out/predictions.csv"), MapsNpy("out/maps")]).run(from_folder("images"))
+    summary = Pipeline(detector, [MapsNpy("out/maps"), PredictionsCSV("out/predictions.csv")]).run(from_folder("images"))
+
+Outputs are held by one writer (``output_lock``), written whole or not at all, and kept up to what was finished
+when a run is interrupted (``outputs``); a run folder records what made them and resumes an interrupted run
+(``runs``).
 """
 from clad.pipeline.flow import Pipeline, Prefetcher, Summary
+from clad.pipeline.outputs import (Staging, atomic_write, folder_digest, output_lock, stop_on_signals,
+                                   uninterrupted)
+from clad.pipeline.runs import RunFolder, read_done
 from clad.pipeline.sinks import (
     BaseSink,
     ErrorLog,
@@ -14,9 +21,11 @@ from clad.pipeline.sinks import (
     HTMLReport,
     MapsNpy,
     PredictionsCSV,
+    RunRecord,
     Sink,
 )
-from clad.pipeline.sources import Entry, LabelledEntry, from_dataset, from_folder, from_manifest, from_paths, open_source
+from clad.pipeline.sources import (Entry, LabelledEntry, Unusable, from_dataset, from_folder, from_manifest, from_paths,
+                                   open_source)
 
 __all__ = [
     "BaseSink",
@@ -31,11 +40,21 @@ __all__ = [
     "Pipeline",
     "PredictionsCSV",
     "Prefetcher",
+    "RunFolder",
+    "RunRecord",
     "Sink",
+    "Staging",
     "Summary",
+    "Unusable",
+    "atomic_write",
+    "folder_digest",
     "from_dataset",
     "from_folder",
     "from_manifest",
     "from_paths",
     "open_source",
+    "output_lock",
+    "read_done",
+    "stop_on_signals",
+    "uninterrupted",
 ]

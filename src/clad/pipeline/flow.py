@@ -3,7 +3,8 @@
 Decoding runs in a background thread (``prefetch`` batches ahead, through a bounded queue) while the detector
 runs its forward on the batch before, so at most ``prefetch + 2`` batches of decoded images are in memory
 whatever the size of the source. A file that cannot be decoded goes to every sink's ``write_error`` and the
-stream goes on; any other error stops the run (and the thread) and is raised after the sinks are closed.
+stream goes on; any other error stops the run (and the thread) and is raised after the sinks are closed. An
+interruption (KeyboardInterrupt, or ``Interrupted`` on SIGTERM) also stops it: the sinks keep what was finished.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from clad.errors import CladError
+from clad.errors import CladError, SpecError
+from clad.pipeline.outputs import uninterrupted
 from clad.pipeline.sinks import Sink
 from clad.pipeline.sources import Entry
 from clad.types import Item, Prediction
@@ -26,15 +28,27 @@ Batch = tuple[list[Item], list[tuple[str, str]]]
 
 @dataclass
 class Summary:
-    """What a run did. seconds: the whole run; predict_seconds: inside ``detector.predict`` (the forward);
-    decode_seconds: decoding (in the prefetch thread, overlapping the forward); error: what stopped the run early."""
+    """What a run did. n_flagged: images labelled anomalous (with a threshold); seconds: the whole run;
+    predict_seconds: inside ``detector.predict`` (the forward); decode_seconds: decoding (in the prefetch thread,
+    overlapping the forward); error: what stopped the run early."""
 
     n_scored: int = 0
     n_skipped: int = 0
+    n_flagged: int = 0
     seconds: float = 0.0
     predict_seconds: float = 0.0
     decode_seconds: float = 0.0
     error: BaseException | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return isinstance(self.error, KeyboardInterrupt)
+
+    @property
+    def kept(self) -> bool:
+        """Whether sinks keep their outputs: the run ended, or was interrupted (what was finished is kept); a run
+        stopped by an error leaves the previous outputs as they were."""
+        return self.error is None or self.interrupted
 
     @property
     def images_per_second(self) -> float:
@@ -136,17 +150,19 @@ class Pipeline:
 
     def __init__(self, detector, sinks: Sequence[Sink] = (), batch_size: int = 16, prefetch: int = 2,
                  explainer=None, progress: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise SpecError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise SpecError(f"prefetch must be an integer >= 0, got {prefetch!r}")
         self.detector, self.sinks, self.batch_size, self.prefetch = detector, list(sinks), batch_size, prefetch
         self.explainer, self.progress = explainer, progress
 
     def run(self, source: Iterable[Entry]) -> Summary:
         """Stream ``source`` through the detector into the sinks; returns the run's ``Summary``.
 
-        Every sink opened is closed, with the summary (its ``error`` set when the run stopped early).
+        Every sink opened is closed, with the summary (its ``error`` set when the run stopped early), in order and
+        out of reach of an interruption (``outputs.uninterrupted``); a sink's ``write`` of a batch comes after
+        those of the sinks before it, so the last sink records only what the others finished.
         """
         summary, t0 = Summary(), time.perf_counter()
         decoder = _Decoder(source, self.batch_size)
@@ -168,17 +184,18 @@ class Pipeline:
                         for sink in self.sinks:
                             sink.write(batch)
                         summary.n_scored += len(items)
+                        summary.n_flagged += sum(p.label is True for p in batch)
                     bar.update(len(items) + len(failures))
         except BaseException as e:
             summary.error = e
             raise
         finally:
-            if isinstance(batches, Prefetcher):
-                batches.close()
-            summary.decode_seconds = decoder.seconds
-            summary.seconds = time.perf_counter() - t0
-            for sink in opened:
-                sink.close(summary)
+            with uninterrupted():
+                if isinstance(batches, Prefetcher):
+                    batches.close()
+                summary.decode_seconds = decoder.seconds
+                summary.seconds = time.perf_counter() - t0
+                _close(opened, summary)
         return summary
 
     def _predict(self, items: list[Item], summary: Summary) -> list[Prediction]:
@@ -194,3 +211,18 @@ class Pipeline:
                            None if labels is None else bool(labels[i]), explanations[i],
                            None if normalized is None else float(normalized[i]))
                 for i, item in enumerate(items)]
+
+
+def _close(sinks: Sequence[Sink], summary: Summary) -> None:
+    """Close every sink, even after one fails (then the run stopped on that error: the others discard theirs)."""
+    failure = None
+    for sink in sinks:
+        try:
+            sink.close(summary)
+        except Exception as e:  # noqa: BLE001 - raised below, once every sink is closed
+            if failure is None:
+                failure = e
+                if summary.error is None:
+                    summary.error = e
+    if failure is not None:
+        raise failure
