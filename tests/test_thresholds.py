@@ -12,6 +12,7 @@ import clad
 from clad.cli import main
 from clad.detectors import thresholds
 from clad.errors import ConfigError
+from clad.pipeline.flow import Summary
 from clad.pipeline.sinks import PredictionsCSV
 from clad.types import Item, Prediction
 from conftest import plant_square, texture
@@ -117,7 +118,7 @@ def test_predictions_csv_puts_the_normalized_score_beside_the_score(tmp_path):
     sink.open()
     sink.write([Prediction(item, 41.5, np.zeros((4, 4), np.float32), True, None, 0.93),
                 Prediction(item, 2.0, np.zeros((4, 4), np.float32), False, None, None)])
-    sink.close(None)
+    sink.close(Summary())
     rows = list(csv.reader(open(tmp_path / "p.csv")))
     assert rows == [["path", "score", "score_normalized", "label"], ["a.png", "41.5", "0.93", "anomalous"],
                     ["a.png", "2", "", "normal"]]

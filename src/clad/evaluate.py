@@ -45,13 +45,13 @@ def load_split(dataset, progress: bool = True, desc: str = "loading") -> tuple[l
 def threshold_figures(labels: np.ndarray, scores: np.ndarray, threshold: float | None, f1_threshold: float) -> dict:
     """Precision and recall on a labelled split of two decisions: the detector's own (label-free) threshold,
     anomalous where score > threshold as ``predict`` decides, and the F1-max threshold of these very scores,
-    anomalous where score >= it as ``metrics.f1_max`` defines it. Undefined (no threshold, nothing flagged, no
-    anomalous image) -> nan."""
+    anomalous where score >= it as ``metrics.f1_max`` defines it. Undefined (no threshold, no image, nothing
+    flagged, no anomalous image) -> nan."""
     out = {"threshold": threshold}
     for key, flagged in (("threshold", None if threshold is None else scores > threshold),
                          ("image_f1", None if np.isnan(f1_threshold) else scores >= f1_threshold)):
         for name, measure in (("precision", precision_score), ("recall", recall_score)):
-            value = np.nan if flagged is None else measure(labels, flagged, zero_division=np.nan)
+            value = np.nan if flagged is None or not len(labels) else measure(labels, flagged, zero_division=np.nan)
             out[f"{key}_{name}"] = float(value)
     return out
 
