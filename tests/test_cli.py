@@ -37,7 +37,9 @@ def test_fit_then_predict_mirrors_tree_and_skips_bad_file(synth, tmp_path, capsy
     assert main(["predict", "--model", str(model), "--input", str(inputs), "--out", str(out), "--threshold", "0.5", "--batch-size", "2"]) == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     n_images = sum(1 for p in inputs.rglob("*.png")) - 1
-    assert len(rows) == n_images and set(rows[0]) == {"path", "score", "label"}
+    assert len(rows) == n_images and list(rows[0]) == ["path", "score", "score_normalized", "label"]
+    for row in rows:  # the user's threshold decides, and the normalised score is centred on it
+        assert (float(row["score"]) > 0.5) == (row["label"] == "anomalous") == (float(row["score_normalized"]) > 0.5)
     errors = list(csv.DictReader(open(out / "errors.csv")))
     assert len(errors) == 1 and "zz_corrupt.png" in errors[0]["error"]
     for row in rows:

@@ -166,7 +166,7 @@ CASES = [
                                    "--resume"], "was made with model_sha256"),
     ("resume with a report", [*PREDICT[:6], "{done}", "--resume", "--report", "{root}/rep"], "--resume cannot add"),
     ("resume with another threshold", [*PREDICT[:6], "{done}", "--resume", "--threshold", "1"],
-     "was made with threshold None, this one has 1.0"),
+     "this one has 1.0; run with the same"),
     # bench
     ("bench without data", ["bench", "--out", "{root}/bench"], "--data is needed"),
     ("bench without out", BENCH[:3], "--out DIR is needed"),

@@ -1,6 +1,9 @@
 """One contract test run over every registered detector (cf. timm's test_models.py)."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 
@@ -73,6 +76,12 @@ def test_deterministic_with_seed(detector_name, request):
 def test_save_load_round_trip(detector_name, request, tmp_path):
     refs, tests = _images()
     det = clad.create_detector(detector_name, **params_for(detector_name, request)).fit(refs)
+    # fit sets a label-free threshold from the references; it is saved with its source and scale
+    doc = json.loads((det.save(tmp_path / "fitted") / "config.json").read_text())
+    assert math.isfinite(doc["threshold"]) and doc["threshold_source"] == "references" and doc["threshold_scale"] > 0
+    fitted = clad.load_detector(tmp_path / "fitted").predict(tests)
+    assert fitted.threshold == doc["threshold"] and (fitted.labels == (fitted.scores > doc["threshold"])).all()
+    assert ((fitted.normalized_scores > 0.5) == fitted.labels).all()
     det.set_threshold(0.5)
     before = det.predict(tests)
     det.save(tmp_path / "model")
@@ -83,6 +92,7 @@ def test_save_load_round_trip(detector_name, request, tmp_path):
     for ma, mb in zip(before.anomaly_maps, after.anomaly_maps):
         np.testing.assert_array_equal(ma, mb)
     assert after.threshold == 0.5 and (after.labels == (after.scores > 0.5)).all()
+    assert loaded.threshold_source_ == "user"
 
 
 def test_unknown_parameter_names_the_key(detector_name):

@@ -280,7 +280,7 @@ def test_streamed_report_equals_write_report(tmp_path, normal_images):
         def explain(self, images, result, paths):
             return [said[[s.path for s in samples].index(p)] for p in paths]
 
-    sink = HTMLReport(tmp_path / "streamed", title="t", references=normal_images)
+    sink = HTMLReport(tmp_path / "streamed", title="t", threshold=det.threshold_, references=normal_images)
     Pipeline(det, [sink], batch_size=2, explainer=Fixed()).run(from_dataset(test))
     whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
     streamed = sorted(p.relative_to(tmp_path / "streamed") for p in (tmp_path / "streamed").rglob("*") if p.is_file())

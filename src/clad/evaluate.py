@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.metrics import precision_score, recall_score
 from tqdm.auto import tqdm
 
 from clad import metrics
@@ -39,6 +40,20 @@ def load_split(dataset, progress: bool = True, desc: str = "loading") -> tuple[l
         except CladError as e:
             failures.append({"path": str(dataset.paths[i]) if hasattr(dataset, "paths") else str(i), "error": str(e)})
     return samples, failures
+
+
+def threshold_figures(labels: np.ndarray, scores: np.ndarray, threshold: float | None, f1_threshold: float) -> dict:
+    """Precision and recall on a labelled split of two decisions: the detector's own (label-free) threshold,
+    anomalous where score > threshold as ``predict`` decides, and the F1-max threshold of these very scores,
+    anomalous where score >= it as ``metrics.f1_max`` defines it. Undefined (no threshold, no image, nothing
+    flagged, no anomalous image) -> nan."""
+    out = {"threshold": threshold}
+    for key, flagged in (("threshold", None if threshold is None else scores > threshold),
+                         ("image_f1", None if np.isnan(f1_threshold) else scores >= f1_threshold)):
+        for name, measure in (("precision", precision_score), ("recall", recall_score)):
+            value = np.nan if flagged is None or not len(labels) else measure(labels, flagged, zero_division=np.nan)
+            out[f"{key}_{name}"] = float(value)
+    return out
 
 
 def fit_references(detector: Detector, train, progress: bool = True, fitted_from: Detector | None = None):
@@ -127,7 +142,10 @@ def evaluate(
     scored = EvalSink(pixel_eval_size, keep=keep_predictions)
     Pipeline(detector, [scored], batch_size=batch_size, progress=progress).run(from_dataset(test))
     out = scored.metrics
+    out.update(threshold_figures(np.array(scored.labels, np.int64), np.asarray(scored.scores, np.float32),
+                                 detector.threshold_, out["image_f1_threshold"]))
     out.update(
+        threshold_source=detector.threshold_source_,
         n_references=len(refs),
         n_test=len(scored.labels),
         n_test_anomalous=int(sum(scored.labels)),

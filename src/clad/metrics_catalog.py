@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("accuracy", "speed", "memory")
+KINDS = ("accuracy", "speed", "memory", "threshold")
 TABLES = ("table1", "table4", "speed")
 
 
@@ -18,7 +18,8 @@ class MetricSpec:
 
     key: its key in ``evaluate``'s result and in a bench run's ``metrics``.
     label: column header of the bench's tables. scale, decimals: how the bench shows it (scale 100: percent).
-    kind: "accuracy" (higher is better), "speed" or "memory" (lower is better).
+    kind: "accuracy" (higher is better), "speed" or "memory" (lower is better), "threshold" (a decision
+        threshold on the score: neither).
     table: the bench table with a column for it: "table1" (detection and localisation), "table4" (IoU) or
         "speed" (speed and memory); None: recorded in each run only.
     per_category: also a column of the bench's per-category tables.
@@ -60,6 +61,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("pixel_ap", "pixel AP", 100, 1),
     MetricSpec("iou", "IoU", 1, 3, table="table4", per_category=True, summary_decimals=1),
     MetricSpec("mean_iou", "mean IoU (defective)", 1, 3, table="table4"),
+    # The detector's own label-free threshold (``Detector.fit``) and the F1-max one of the test scores, each with
+    # the precision and recall of its decisions on the test split (``evaluate.threshold_figures``).
+    MetricSpec("threshold", "threshold", 1, 4, kind="threshold", long_label="label-free threshold"),
+    MetricSpec("threshold_precision", "precision at threshold", 100, 1, long_label="  precision"),
+    MetricSpec("threshold_recall", "recall at threshold", 100, 1, long_label="  recall"),
+    MetricSpec("image_f1_threshold", "F1-max threshold", 1, 4, kind="threshold", long_label="threshold (F1-max)"),
+    MetricSpec("image_f1_precision", "precision at F1-max threshold", 100, 1, long_label="  precision"),
+    MetricSpec("image_f1_recall", "recall at F1-max threshold", 100, 1, long_label="  recall"),
     MetricSpec("fit_seconds", "fit (s)", 1, 2, kind="speed", table="speed", long_label="fit time (s)",
                summary_decimals=1),
     MetricSpec("predict_ms_per_image", "predict (ms/image)", 1, 1, kind="speed", table="speed",

@@ -49,6 +49,7 @@ class Prediction:
 
     item: the decoded input. score: image anomaly score. anomaly_map: (H, W) float32 at the image's resolution.
     label: the decision (True = anomalous) when a threshold is set, else None. explanation: when one was asked for.
+    score_normalized: the score on the scale where the threshold is 0.5 (``AnomalyResult.normalized_scores``).
     """
 
     item: Item
@@ -56,6 +57,7 @@ class Prediction:
     anomaly_map: np.ndarray
     label: bool | None = None
     explanation: object | None = None
+    score_normalized: float | None = None
 
     @property
     def path(self) -> str:
@@ -71,6 +73,8 @@ class AnomalyResult:
     threshold: the decision threshold on ``scores`` when one is set, else None.
     labels: (B,) bool decisions (scores > threshold) when a threshold is set.
     explanations: one explanation per image when asked for.
+    normalized_scores: (B,) float32 in [0, 1], a monotone map of ``scores`` that puts the threshold at 0.5, when
+        the detector has a threshold and its scale (``clad.detectors.thresholds.normalize``); ``scores`` stay raw.
     """
 
     scores: np.ndarray
@@ -79,6 +83,7 @@ class AnomalyResult:
     labels: np.ndarray | None = None
     explanations: list | None = None
     extras: dict = field(default_factory=dict)
+    normalized_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -102,10 +107,14 @@ class AnomalyResult:
         explanations = None
         if all(p.explanations is not None for p in parts):
             explanations = [e for p in parts for e in p.explanations]
+        normalized = None
+        if all(p.normalized_scores is not None for p in parts):
+            normalized = np.concatenate([p.normalized_scores for p in parts]).astype(np.float32)
         return AnomalyResult(
             scores=np.concatenate([p.scores for p in parts]).astype(np.float32),
             anomaly_maps=[m for p in parts for m in p.anomaly_maps],
             threshold=threshold,
             labels=labels,
             explanations=explanations,
+            normalized_scores=normalized,
         )

@@ -135,6 +135,9 @@ def _is_threshold(value: Any) -> bool:
     return _is_type(value, float | None)
 
 
+THRESHOLD_SOURCES = ("references", "user")  # where ``threshold_`` came from: fit's label-free rule, or set_threshold
+
+
 def _write_folder(directory: Path, files: dict[str, bytes]) -> None:
     """Make ``files`` the whole content of ``directory``: written into a new folder beside it, then renamed into
     place, so an error or a crash part-way leaves any old model as it was. An existing ``directory`` must hold
@@ -187,6 +190,10 @@ class Detector:
     ``__init__`` only stores the settings (a ``Config`` dataclass); ``fit(normal_images)`` returns ``self``;
     fitted state ends in ``_``; ``predict(images)`` returns one ``AnomalyResult``.
     Subclasses implement ``_fit``, ``_predict_batch``, ``_get_state`` and ``_set_state``.
+
+    ``fit`` also sets the label-free decision threshold ``threshold_`` (``threshold_source_`` "references") and
+    the scale of the normalised score ``threshold_scale_`` from views of the references (``clad.detectors
+    .thresholds``); ``set_threshold`` overrides the threshold (source "user").
     """
 
     name: ClassVar[str] = ""
@@ -208,14 +215,18 @@ class Detector:
             cls.name = detectors.name_of(cls) or cls.name
         self.config = make_config(self.Config, params, f"detector {self.name!r}")
         self.threshold_: float | None = None
+        self.threshold_source_: str | None = None  # one of THRESHOLD_SOURCES when a threshold is set
+        self.threshold_scale_: float | None = None  # of the normalised score (``thresholds.normalize``)
 
     # -- public surface -----------------------------------------------------------------------------------
     def fit(self, normal_images: Sequence[ImageLike]) -> "Detector":
         if len(normal_images) == 0:
             raise ValueError(f"{self.name}: fit needs at least one normal image")
         torch.manual_seed(getattr(self.config, "seed", 0))
-        self._fit(list(normal_images))
+        images = list(normal_images)
+        self._fit(images)
         self.fitted_ = True
+        self._calibrate_threshold(images)
         return self
 
     def predict(self, images: Sequence[ImageLike], batch_size: int = 16, progress: bool = False) -> AnomalyResult:
@@ -231,6 +242,10 @@ class Detector:
         if self.threshold_ is not None:
             result.threshold = float(self.threshold_)
             result.labels = result.scores > self.threshold_
+            if self.threshold_scale_ is not None:
+                from clad.detectors.thresholds import normalize
+
+                result.normalized_scores = normalize(result.scores, self.threshold_, self.threshold_scale_)
         return result
 
     def fit_signature(self) -> str:
@@ -260,10 +275,47 @@ class Detector:
         return self.backbone_
 
     def _after_adopt(self) -> None:
-        """Hook: redo what depends on the inference parameters (e.g. a calibrated threshold)."""
+        """Hook: redo what depends on the inference parameters; by default the threshold, from the views kept at
+        fit (a loaded detector has none: it keeps its threshold)."""
+        if getattr(self, "threshold_views_", None) is not None:
+            self._threshold_from_views()
+
+    # -- the label-free threshold ------------------------------------------------------------------------
+    def _calibrate_threshold(self, images: list[ImageLike]) -> None:
+        """Set ``threshold_`` and ``threshold_scale_`` from views of the references (``thresholds.views``)."""
+        # Imported here, as in ``predict``: listing the registries loads no other module of clad.detectors or data.
+        from clad.data.io import load_batch
+        from clad.detectors.thresholds import views
+
+        arrays, _ = load_batch(images)
+        size = getattr(self.config, "image_size", None) or 256
+        # kept (not saved) so that ``adopt`` can redo the threshold for other inference parameters
+        self.threshold_views_ = views(arrays, size, getattr(self.config, "seed", 0))
+        self._threshold_from_views()
+
+    def _threshold_from_views(self) -> None:
+        from clad.detectors.thresholds import cut, spread_scale
+
+        normal, anomalous = self.threshold_views_
+        scores = np.asarray(self._view_scores(normal + anomalous), np.float64)
+        if not np.isfinite(scores).all():
+            warnings.warn(f"{self.name}: NaN or inf scores on views of the references: no threshold set", stacklevel=3)
+            self.threshold_ = self.threshold_scale_ = self.threshold_source_ = None
+            return
+        normal_scores, anomalous_scores = scores[: len(normal)], scores[len(normal) :]
+        self.threshold_ = cut(normal_scores, anomalous_scores)
+        self.threshold_scale_ = spread_scale(normal_scores, anomalous_scores)
+        self.threshold_source_ = "references"
+
+    def _view_scores(self, views: list[np.ndarray]) -> np.ndarray:
+        """Hook: the image scores of the threshold's views, (len(views),); by default those of ``predict``."""
+        return self.predict(views).scores
 
     def set_threshold(self, threshold: float | None) -> "Detector":
+        """Decide with ``threshold`` instead (source "user"; None: no decision). The normalised score keeps its
+        scale and is centred on the new threshold."""
         self.threshold_ = None if threshold is None else float(threshold)
+        self.threshold_source_ = None if threshold is None else "user"
         return self
 
     def save(self, directory: str | Path) -> Path:
@@ -279,6 +331,9 @@ class Detector:
             raise ConfigError(f"{self.name}: cannot save {directory}: tensor {bad!r} holds NaN or inf")
         if not _is_threshold(self.threshold_):
             raise ConfigError(f"{self.name}: cannot save {directory}: threshold {self.threshold_!r} is not finite")
+        problem = _threshold_extras_problem(self.threshold_source_, self.threshold_scale_)
+        if problem:
+            raise ConfigError(f"{self.name}: cannot save {directory}: {problem}")
         state = dump_tensors(tensors)
         params, meta = _plain(dataclasses.asdict(self.config)), _plain(meta)
         doc = {
@@ -287,6 +342,8 @@ class Detector:
             "detector": self.name,
             "params": params,
             "threshold": self.threshold_,
+            "threshold_source": self.threshold_source_,
+            "threshold_scale": self.threshold_scale_,
             "meta": meta,
             "tensors": _tensor_specs(tensors),
             "sha256": hashlib.sha256(state).hexdigest(),
@@ -358,6 +415,8 @@ def load_detector(directory: str | Path) -> Detector:
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ConfigError(f"{state_path}: does not match {cfg_path.name} ({type(e).__name__}: {e})") from e
     det.threshold_ = None if doc.get("threshold") is None else float(doc["threshold"])
+    det.threshold_source_ = doc.get("threshold_source")
+    det.threshold_scale_ = None if doc.get("threshold_scale") is None else float(doc["threshold_scale"])
     det.fitted_ = True
     if not verified:
         _probe(det, cfg_path)
@@ -403,7 +462,19 @@ def _read_config(cfg_path: Path) -> dict:
                               f"got {doc[key]!r:.80}")
     if not _is_threshold(doc.get("threshold")):
         raise ConfigError(f"{cfg_path}: threshold must be a finite number or null, got {doc['threshold']!r:.80}")
+    problem = _threshold_extras_problem(doc.get("threshold_source"), doc.get("threshold_scale"))
+    if problem:
+        raise ConfigError(f"{cfg_path}: {problem}")
     return doc
+
+
+def _threshold_extras_problem(source: Any, scale: Any) -> str | None:
+    """None when ``threshold_source`` and ``threshold_scale`` are valid (each may be null), else what is wrong."""
+    if source is not None and source not in THRESHOLD_SOURCES:
+        return f"threshold_source must be one of {list(THRESHOLD_SOURCES)} or null, got {source!r:.80}"
+    if not (_is_type(scale, float | None) and (scale is None or scale > 0)):
+        return f"threshold_scale must be a finite number > 0 or null, got {scale!r:.80}"
+    return None
 
 
 def _some(names: list[str], n: int = 3) -> str:

@@ -233,6 +233,18 @@ class PatchCore(BackbonePatchFeatures, Detector):
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
 
+    def _view_scores(self, views):
+        """The scores of the threshold's views (``Detector.fit``), without keeping an index they built: the exact
+        search's choice between pruning and brute force is made from left-out patches at fit, or else by the first
+        large search of test images (as before the threshold), and predict's numbers are those a loaded model
+        gives, since the two searches agree only to float rounding."""
+        built = getattr(self, "index_", None) is not None
+        try:
+            return super()._view_scores(views)
+        finally:
+            if not built:
+                self.index_ = None
+
     def _n_probe(self) -> int:
         """``n_probe`` where the memory has at least ``probe_min`` rows, else 0 (exact search)."""
         return self.config.n_probe if len(self.memory_bank_) >= self.config.probe_min else 0

@@ -206,9 +206,10 @@ class Pipeline:
         explanations = [None] * len(items)
         if self.explainer is not None:
             explanations = self.explainer.explain(images, result, paths=[it.path for it in items])
-        labels = result.labels
+        labels, normalized = result.labels, result.normalized_scores
         return [Prediction(item, float(result.scores[i]), result.anomaly_maps[i],
-                           None if labels is None else bool(labels[i]), explanations[i])
+                           None if labels is None else bool(labels[i]), explanations[i],
+                           None if normalized is None else float(normalized[i]))
                 for i, item in enumerate(items)]
 
 

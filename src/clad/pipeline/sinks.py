@@ -95,8 +95,9 @@ class FileSink(BaseSink):
 
 
 class PredictionsCSV(FileSink):
-    """``path,score[,label]`` per image (score to 6 significant digits; label "anomalous"/"normal" when
-    ``labels``, i.e. when the detector has a threshold). Flushed after each batch; put it after the sinks whose
+    """``path,score[,score_normalized,label]`` per image (scores to 6 significant digits; with ``labels``, i.e.
+    when the detector has a threshold, the score on the scale where the threshold is 0.5, empty for a model saved
+    without that scale, and the label "anomalous"/"normal"). Flushed after each batch; put it after the sinks whose
     outputs its rows stand for (maps, explanations), so that a row means its image is done (``read_done``)."""
 
     def __init__(self, path: str | Path, labels: bool = False, append: bool = False):
@@ -106,13 +107,14 @@ class PredictionsCSV(FileSink):
     def open(self) -> None:
         self.writer = csv.writer(self._create())
         if not self.appended:
-            self.writer.writerow(["path", "score"] + (["label"] if self.labels else []))
+            self.writer.writerow(["path", "score"] + (["score_normalized", "label"] if self.labels else []))
 
     def write(self, batch: Sequence[Prediction]) -> None:
         for p in batch:
             row = [p.path, f"{p.score:.6g}"]
             if self.labels:
-                row.append("anomalous" if p.label else "normal")
+                normalized = "" if p.score_normalized is None else f"{p.score_normalized:.6g}"
+                row += [normalized, "anomalous" if p.label else "normal"]
             self.writer.writerow(row)
         self.fh.flush()
 

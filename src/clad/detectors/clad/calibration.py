@@ -1,5 +1,6 @@
 """CLAD's calibration after training, from the references and fresh views of them (never test data): sigma of
-Eq. 4, CLAD+'s patch memory and the scales of its fusion, and the label-free decision threshold."""
+Eq. 4, CLAD+'s patch memory and the scales of its fusion. (The threshold is every detector's:
+``clad.detectors.thresholds``.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,7 @@ import torch.nn.functional as F
 
 from clad.detectors.clad.training import augment
 from clad.detectors.patchcore import coreset_size
-from clad.metrics import f1_max
 from clad.ops.coreset import greedy_coreset
-from clad.synthesis import make_anomaly
 
 
 def memory_size(n: int, ratio: float, lo: int, hi: int) -> int:
@@ -38,25 +37,13 @@ def memory_bank(feat: torch.Tensor, ratio: float, lo: int, hi: int, seed: int) -
     return bank.contiguous()
 
 
-def views(refs: list[np.ndarray], rng: np.random.Generator, size: int, kinds: list[str]):
-    """Held-out views of the references: (normal views, the same number of further views with a synthetic
-    anomaly of ``kinds``), between 8 and 32 of each."""
+def views(refs: list[np.ndarray], rng: np.random.Generator, size: int) -> list[np.ndarray]:
+    """Held-out normal views of the references, between 8 and 32."""
     n = max(8, min(len(refs), 32))
-    normal = [augment(refs[i % len(refs)], rng, size) for i in range(n)]
-    bad = [make_anomaly(augment(refs[i % len(refs)], rng, size), rng, kinds=kinds).image for i in range(n)]
-    return normal, bad
+    return [augment(refs[i % len(refs)], rng, size) for i in range(n)]
 
 
 def scale(values: torch.Tensor) -> torch.Tensor:
     """A map's scale for the fusion: the 99th percentile of its values on normal views."""
     return torch.quantile(values.flatten(), 0.99).clamp_min(1e-6)
 
-
-def threshold(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
-    """The F1-best cut between normal and anomalous scores, moved down to the middle of the gap below it."""
-    scores = np.r_[normal_scores, anomalous_scores]
-    cut = float(f1_max(np.r_[np.zeros(len(normal_scores)), np.ones(len(anomalous_scores))], scores)[1])
-    # f1_max gives the highest of the F1-best cuts, right at the lowest synthetic anomaly kept: the middle of the
-    # gap below it makes the same decisions on these images, and misses fewer real defects milder than them.
-    below = scores[scores < cut]
-    return cut if below.size == 0 else float((cut + below.max()) / 2)

@@ -30,7 +30,7 @@ class CLAD(BackbonePatchFeatures, Detector):
     """The paper's CLAD: language-aligned patch and image embeddings trained with Eq. 3 (+ Eq. 7).
 
     Fitted: ``model_`` (``CLADModel``), ``text_embeddings_`` (C, D) of the classes, ``sigma_`` / ``sigma_image_``,
-    ``memory_bank_`` (M, C), ``scale_lang_`` / ``scale_mem_``, ``aux_types_``, ``threshold_``.
+    ``memory_bank_`` (M, C), ``scale_lang_`` / ``scale_mem_``, ``aux_types_``; the threshold as every detector's.
     """
 
     Config = CLADConfig
@@ -58,7 +58,8 @@ class CLAD(BackbonePatchFeatures, Detector):
 
     @torch.no_grad()
     def _calibrate(self, refs, rng) -> None:
-        """sigma, the memory bank and the fusion scales, from the references and fresh normal views of them."""
+        """sigma, the memory bank and the fusion scales, from the references and fresh normal views of them (the
+        threshold comes after, as for every detector: ``Detector.fit``)."""
         cfg, m = self.config, self.model_
         self.text_embeddings_ = m.class_embeddings()[1]  # (C, D)
         h1, h2 = m.stage_features(m.backbone.preprocess(refs, cfg.image_size), tuned=True)
@@ -66,25 +67,15 @@ class CLAD(BackbonePatchFeatures, Detector):
         feat = m.combine(h1, m.frozen_last(h1, h2))
         self.memory_bank_ = calibration.memory_bank(feat, cfg.memory_ratio, cfg.memory_min, cfg.memory_max, cfg.seed)
         self.index_ = None
-        # Held-out normal views set the scale of each map for the fusion; views with synthetic anomalies and
-        # those set the threshold (``set_threshold`` overrides it).
-        views, bad = calibration.views(refs, rng, cfg.image_size, [k for k in m.classes if k != "normal"])
+        # Held-out normal views set the scale of each map for the fusion.
+        views = calibration.views(refs, rng, cfg.image_size)
         with self._brute_search():
             lang, mem, _ = self._maps(m.backbone.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_, self.scale_mem_ = calibration.scale(lang), calibration.scale(mem)
-        self.fitted_ = True
-        self.calibration_images_ = (views, bad)  # kept (not saved) so that ``adopt`` can redo the threshold
-        self._calibrate_threshold()
 
-    def _calibrate_threshold(self) -> None:
-        views, bad = self.calibration_images_
-        with self._brute_search():
-            scores = self._predict_batch(views + bad)[0]
-        self.threshold_ = calibration.threshold(scores[: len(views)], scores[len(views) :])
-
-    def _after_adopt(self) -> None:
-        if getattr(self, "calibration_images_", None) is not None:  # a loaded detector keeps its threshold
-            self._calibrate_threshold()
+    def _view_scores(self, views) -> np.ndarray:
+        with self._brute_search():  # views of the references lie on the memory: no search decision from them
+            return self._predict_batch(views)[0]
 
     @contextmanager
     def _brute_search(self):
