@@ -37,7 +37,7 @@ from baselines import load_category  # noqa: E402
 from clad.detectors.patchcore import PatchCore, exact_top  # noqa: E402
 from clad.metrics import image_auroc, pixel_auroc  # noqa: E402
 from clad.ops.coreset import KCenterIndex  # noqa: E402
-from clad.ops.features import load_batch  # noqa: E402
+from clad.data.io import load_batch  # noqa: E402
 from clad.ops.ivf import ProjectedIVF  # noqa: E402
 from clad.ops.knn import knn  # noqa: E402
 from clad.ops.smoothing import smooth_maps  # noqa: E402
