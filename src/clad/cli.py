@@ -196,7 +196,7 @@ def _eval(args) -> int:
         for f in res["failures"]:
             print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
         raise DatasetError(f"{args.data}: no test image could be read, so there is nothing to measure")
-    res.update(data=args.data, category=args.category, shots=shots or "all", seed=args.seed, environment=environment())
+    res.update(data=args.data, category=args.category, shots="all" if shots is None else shots, seed=args.seed, environment=environment())
     name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
     print(name)
     for label, key in eval_rows():  # every figure declared in clad.metrics_catalog
@@ -277,10 +277,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from clad.registry import list_backbones, list_detectors
+    from clad.registry import datasets, list_backbones, list_detectors, list_text_encoders
 
     print("detectors:", ", ".join(list_detectors()))
     print("backbones:", ", ".join(list_backbones()))
+    print("text encoders:", ", ".join(list_text_encoders()))
+    print("dataset schemes (--data SCHEME:LOCATION):", ", ".join(datasets.names()))
     return 0
 
 

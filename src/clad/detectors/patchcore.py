@@ -59,25 +59,21 @@ class PatchCoreConfig:
     # 0: exact nearest neighbour; n > 0: search only the n closest memory clusters (approximate)
     n_probe: int = bounded(0, "[0, inf)")
     # n_probe applies to memories of at least this many rows; smaller ones are searched exactly, since there the
-    # approximate search saves little and its few, small clusters cost accuracy (bottle at 1 shot, 103 rows:
-    # image AUROC 91.4 against 99.6 exact, seeds 0-4, before exact_max).
+    # approximate search saves little and its few, small clusters cost accuracy (benchmarks/README.md).
     probe_min: int = bounded(8192, "[0, inf)", omit_from_key_when={"n_probe": 0})
     # With n_probe, the patches that may hold an image's largest score are searched again exactly, highest
     # approximate score first, until that maximum is certain (``exact_top``): image scores are then the exact
-    # search's, and only the map keeps approximate values below each image's top. Full-shot magnetic tile, 78k
-    # rows, n_probe=1: image / pixel AUROC 85.6 / 78.9 against 79.8 / 78.8 without it and 85.6 / 80.0 exact,
-    # search 3.6 + 1.2 ms/image (probe, then about 6 patches per image searched again) against 96 exact.
+    # search's, and only the map keeps approximate values below each image's top (figures in
+    # benchmarks/README.md).
     exact_max: bool = field(default=True, metadata={"omit_from_key_when": {"n_probe": 0}})
     # With n_probe, the search runs in this many leading principal components of the memory (``ProjectedIVF``:
     # each patch's candidate row is found there, its distance measured in all channels); None searches all
-    # channels with ``KCenterIndex``'s clusters. Bottle full-shot, n_probe=1: search 0.9 against 1.9 ms/image,
-    # the same AUROCs (benchmarks/README.md, "Session 10").
+    # channels with ``KCenterIndex``'s clusters: faster at the same AUROCs (benchmarks/README.md, "Session 10").
     probe_dim: int | None = bounded(32, "[1, inf)", omit_from_key_when={"n_probe": 0})
     # predict splits each batch into this many parts, run side by side on threads with one torch thread each
-    # (None: torch's thread count; 1: the whole batch in one call, torch's threads inside each operation). On 2
-    # cores, bottle full-shot with n_probe=1: 1.12 against 1.45 times the bare forward's time, back to back
-    # (benchmarks/README.md, "Session 10"): the search's own threads no longer wait on cores that OpenMP keeps
-    # spinning after each parallel operation.
+    # (None: torch's thread count; 1: the whole batch in one call, torch's threads inside each operation). Split,
+    # the search's own threads no longer wait on cores that OpenMP keeps spinning after each parallel operation
+    # (benchmarks/README.md, "Session 10").
     workers: int | None = bounded(None, "[1, inf)", omit_from_key_when={"workers": None})
     reweight: bool = False  # Eq. 7 of the paper on the image score
     # b in Eq. 7: memory items around m* (m* included); b = 1 would make every weight 0
@@ -271,8 +267,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
 
         On 2 cores this beats one call on torch's two threads: the search runs in numpy on threads of its own,
         and after each parallel torch operation OpenMP keeps its idle thread spinning for some milliseconds,
-        which took the second core from the search (bottle, n_probe=1: its search took 1.7 ms/image inside
-        predict, 0.9 with OpenMP told not to spin). Split, no OpenMP thread is left waiting. Results are those of one call.
+        which took the second core from the search. Split, no OpenMP thread is left waiting. Results are those of one call.
         """
         workers = min(len(images), self.config.workers or torch.get_num_threads())
         self._search_index()  # built here, not by two threads at once

@@ -45,8 +45,8 @@ _POOL: ThreadPoolExecutor | None = None
 
 def worker_pool(workers: int) -> ThreadPoolExecutor:
     """A thread pool of at least ``workers`` threads, kept for the process. Searches split their queries over it
-    once per batch; starting new threads each time cost 2-3 ms per thread on a 2-core VM right after the
-    backbone's forward (whose OpenMP threads still spin), about 0.3 ms per image."""
+    once per batch, rather than start new threads each time, which is slow right after the backbone's forward
+    (whose OpenMP threads still spin)."""
     global _POOL
     if _POOL is None or _POOL._max_workers < workers:
         old, _POOL = _POOL, ThreadPoolExecutor(workers, thread_name_prefix="clad-search")
@@ -228,8 +228,8 @@ class KCenterIndex:
     first searches the cluster whose mean is closest, which bounds its nearest-neighbour distance from above;
     ``|q - mu_j| - rho_j`` bounds from below the distance to any row of cluster j, so every cluster whose bound is
     larger is skipped. A few k-means iterations from the k-center start make the clusters more compact, so
-    fewer are searched. Results equal ``knn(query, bank, k=1)`` up to float rounding; building takes about 1 s
-    for M = 21k. The work left is a few per cent of the brute-force search on PatchCore memory banks.
+    fewer are searched. Results equal ``knn(query, bank, k=1)`` up to float rounding. On object memories the work
+    left is a small part of the brute-force search; on fine texture it can be more (see ``nearest``).
     """
 
     #: the first exact search of at least this many queries (8 images at 256 px) decides between pruning and
@@ -241,15 +241,14 @@ class KCenterIndex:
         self._deciding = threading.Lock()
         bank = bank.float().contiguous()
         m = bank.shape[0]
-        # sqrt(M) balances the query-to-means product against the rows searched. On bottle's full-shot memory
-        # (21,402 rows) it beat 2 sqrt(M) for both searches: exact 12-13 against 16 ms/image, one cluster
-        # probed 3.2 against 3.9 (and its distances closer to the exact ones).
+        # sqrt(M) balances the query-to-means product against the rows searched (it beat 2 sqrt(M) for both
+        # searches; benchmarks/README.md).
         n_clusters = min(m, n_clusters or max(1, round(math.sqrt(m))))
         with single_thread():
             centres = bank[_kcenter_plain(bank, n_clusters)]  # (C, D)
         _, a = knn(bank, centres, k=1)
         # Lloyd (k-means) iterations from the k-center start: more compact clusters, so tighter bounds and fewer
-        # rows searched (bottle's full-shot memory: 1,650 -> 1,270 rows per query); results are unchanged.
+        # rows searched; results are unchanged.
         for _ in range(refine):
             sizes = torch.bincount(a[:, 0], minlength=len(centres))[:, None]
             sums = torch.zeros_like(centres).index_add_(0, a[:, 0], bank)
@@ -297,9 +296,7 @@ class KCenterIndex:
 
     def brute(self, query: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``nearest(query)`` by brute force, whatever ``search``: exact, and the faster for a few queries (up to
-        some hundreds), where the pruned search costs more in its loop over clusters than it saves in products
-        (bottle's full-shot memory, 16 x 8 queries: 0.6 against 0.5 ms per image even when it skips its first
-        pass, given an upper bound).
+        some hundreds), where the pruned search costs more in its loop over clusters than it saves in products.
         """
         d, i = knn(query.float(), self.bank, k=1, indices=indices, bank_sq=self.bank_sq)
         return d[:, 0], None if i is None else self.order[i[:, 0]]

@@ -42,9 +42,8 @@ class ProjectedIVF:
     compared with the cluster means, and searched in its ``n_probe`` closest clusters there; its candidate is
     the projected-nearest row of each, and its distance the full-dimension distance to the best of them.
 
-    Against ``KCenterIndex.nearest(query, n_probe=1)`` on bottle's full-shot memory (21,402 rows, 152 channels),
-    ``dim=32``, 73 clusters, 2 threads: 1.0 against 2.0 ms per image; distances 1.038 against 1.026 times the
-    exact ones on average; pixel AUROC 0.9867 against 0.9869 (magnetic tile, 77,927 rows: 78.61 against 78.87).
+    Against ``KCenterIndex.nearest(query, n_probe=1)`` it is faster at nearly the same distances and pixel AUROC
+    (benchmarks/README.md, "Session 10").
     """
 
     def __init__(self, bank: torch.Tensor, dim: int = 32, n_clusters: int | None = None, refine: int = 8):

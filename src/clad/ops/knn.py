@@ -5,19 +5,16 @@ import numpy as np
 import torch
 
 # Largest distance block computed at once (query rows x bank rows), in float32 elements: 1 M = 4 MB, so a block
-# is still in cache when its minimum is taken. Against 64 M (256 MB) blocks, 16,384 queries (16 images) against
-# 1,024 / 4,096 / 16,384 bank rows took 5.6 / 20.5 / 69 instead of 7.2 / 25.0 / 97 ms per image (2 threads,
-# medians of 5-10 interleaved rounds); 0.25-2 M blocks were no better.
+# is still in cache when its minimum is taken (faster than larger blocks; measured in benchmarks/README.md).
 MAX_BLOCK = 1024 * 1024
 
 
 def row_min(d: torch.Tensor, index: bool = True, gil: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``d.min(1)`` of a 2-d tensor: (values (N,), indices (N,) or None), the first index on a tie.
 
-    Row minima are where torch's CPU kernels are slow (one thread, 220 x 146 / 1,024 x 1,024 floats):
-    ``torch.min`` 46 / 2,760 us, ``amin`` 13 / 132 us, numpy's ``argmin`` plus a gather 10 / 150 us. So the
-    values alone come from ``amin``, and the indices, where wanted, from numpy (CPU float tensors without
-    autograd; elsewhere ``torch.min``). numpy's argmin holds the GIL: ``gil=False`` keeps to ``torch.min``, for
+    Row minima are where torch's CPU kernels are slow: ``torch.min`` is many times slower than ``amin`` or
+    numpy's ``argmin`` plus a gather. So the values alone come from ``amin``, and the indices, where wanted, from
+    numpy (CPU float tensors without autograd; elsewhere ``torch.min``). numpy's argmin holds the GIL: ``gil=False`` keeps to ``torch.min``, for
     threads that search side by side.
     """
     if not index:
