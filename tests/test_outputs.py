@@ -106,6 +106,11 @@ def test_a_signal_keeps_the_rows_done_and_resume_completes_them(model, many, tmp
     assert f"{N_IMAGES - len(rows)} image(s) scored" in said and f", 0 skipped, {len(rows)} done before" in said
     rows_after = _rows(out)
     assert rows_after[: len(rows)] == rows and len(rows_after) == N_IMAGES
+    # the flagged count of this run, then the whole run's
+    flagged_now = sum(r["label"] == "anomalous" for r in rows_after[len(rows):])
+    flagged_all = sum(r["label"] == "anomalous" for r in rows_after)
+    assert f"scored ({flagged_now} flagged above the threshold" in said, said
+    assert f"(the whole run: {N_IMAGES} scored, {flagged_all} flagged)" in said, said
     assert len({r["path"] for r in rows_after}) == N_IMAGES and len(_maps(out)) == N_IMAGES
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete" and record["scored"] == N_IMAGES and _leftovers(out) == []

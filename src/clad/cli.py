@@ -132,8 +132,12 @@ def cmd_predict(args) -> int:
                       "the same command with --resume finishes the run") if doc else "nothing was kept"
             raise
     doc, out = record.doc, Path(args.out)  # shown as the user wrote it
-    flagged = f" ({doc['flagged']} flagged above the threshold {threshold:g})" if threshold is not None else ""
-    before = f", {len(run.done)} done before" if args.resume else ""
+    # this run's counts first; with --resume, the whole run's (run.json) after them
+    flagged = f" ({summary.n_flagged} flagged above the threshold {threshold:g})" if threshold is not None else ""
+    before = ""
+    if args.resume:
+        before = f", {len(run.done)} done before (the whole run: {doc['scored']} scored"
+        before += f", {doc['flagged']} flagged)" if threshold is not None else ")"
     skipped = f"{summary.n_skipped} skipped" + (f" (reasons in {out / 'errors.csv'})" if summary.n_skipped else "")
     print(f"predict: {summary.n_scored} image(s) scored{flagged}, {skipped}{before}, in {summary.seconds:.1f} s "
           f"-> {out / 'predictions.csv'}, maps in {out / 'maps'}")
