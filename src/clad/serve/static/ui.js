@@ -84,9 +84,10 @@ export function note(text, cls = "muted") {
 }
 
 // A transient message at the top of the page.
-export function flash(text, kind = "ok", ms = 4000) {
+export function flash(text, kind = "ok", ms = 3500) {
   const host = document.getElementById("flash");
   if (!host) return;
+  while (host.children.length >= 3) host.firstChild.remove(); // the latest few only
   const el = h("div", { class: `flash flash-${kind}`, role: kind === "error" ? "alert" : "status" }, text);
   host.append(el);
   setTimeout(() => el.remove(), ms);

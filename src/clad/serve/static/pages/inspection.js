@@ -1,6 +1,7 @@
 // One inspection: the input with the heatmap over it (opacity slider), the region boxes, the sentence, the closest
 // normal patch, and the operator's verdict. `inspectionView` is shared with the review page.
 import { imageUrl, settings } from "../api.js";
+import { PageContext } from "../state.js";
 import { decisionBadge, errorBox, fact, flash, fmtPct, fmtScore, fmtTime, h, imgOr, verdictBadge } from "../ui.js";
 
 export const title = "Inspection";
@@ -11,14 +12,18 @@ export async function render(view, ctx, id) {
     return;
   }
   const insp = await ctx.get(`/inspections/${id}`);
+  let shown = null; // the drawn inspection's listeners and fetches, replaced when a verdict redraws it
+  ctx.cleanups.push(() => shown && shown.dispose());
   const show = (item) => {
+    if (shown) shown.dispose();
+    shown = new PageContext();
     view.replaceChildren(
       h("div", { class: "toolbar" },
         h("h1", {}, `Inspection #${item.id}`),
         h("span", { class: "spacer" }),
         h("a", { class: "btn", href: "#/feed" }, "← Feed"),
         h("a", { class: "btn", href: "#/review" }, "Review queue")),
-      inspectionView(ctx, item, { onVerdict: show, keys: true }));
+      inspectionView(shown, item, { onVerdict: show, keys: true }));
   };
   show(insp);
 }
