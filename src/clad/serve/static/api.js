@@ -3,16 +3,15 @@
 
 export const BASE = "/api/v1";
 
-const KEYS = { apiKey: "clad.apiKey", operator: "clad.operator", model: "clad.model", rater: "clad.rater" };
-
+// stored as "clad.<name>": apiKey, operator, rater, model (upload, threshold), filterModel (feed, review), ...
 export const settings = {
   get(name) {
-    try { return localStorage.getItem(KEYS[name]) || ""; } catch { return ""; }
+    try { return localStorage.getItem(`clad.${name}`) || ""; } catch { return ""; }
   },
   set(name, value) {
     try {
-      if (value) localStorage.setItem(KEYS[name], value);
-      else localStorage.removeItem(KEYS[name]);
+      if (value) localStorage.setItem(`clad.${name}`, value);
+      else localStorage.removeItem(`clad.${name}`);
     } catch { /* storage disabled: the value lasts until the page reloads */ }
   },
 };

@@ -45,10 +45,11 @@ export function loadModels(force = false) {
   return modelsPromise;
 }
 
-// <select> of the loaded models, remembering the choice; `all` adds an "all models" entry.
+// <select> of the loaded models, remembering the choice; `all` adds an "all models" entry (a filter).
 export async function modelPicker(onChange, { all = false, id = "model-select" } = {}) {
   const list = await loadModels();
-  const stored = settings.get("model");
+  const key = all ? "filterModel" : "model"; // a filter of the feed and the queue is not the model to upload to
+  const stored = settings.get(key);
   const names = list.map((m) => m.name);
   let current = all ? (names.includes(stored) ? stored : "") : (names.includes(stored) ? stored : names[0] || "");
   const select = h("select", { id, "aria-label": "model" },
@@ -57,7 +58,7 @@ export async function modelPicker(onChange, { all = false, id = "model-select" }
   select.value = current;
   select.addEventListener("change", () => {
     current = select.value;
-    settings.set("model", current);
+    settings.set(key, current);
     onChange(current);
   });
   return { element: h("label", { class: "field" }, h("span", {}, "Model"), select), value: () => current, list };

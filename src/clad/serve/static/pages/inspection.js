@@ -31,7 +31,8 @@ export async function render(view, ctx, id) {
 // The viewer: input image, heatmap layer (opacity from the slider) and region boxes, in input pixel coordinates.
 function viewer(ctx, insp) {
   const { width: w, height: hgt } = insp;
-  const opacity = Number(localStorage.getItem("clad.opacity") ?? 50);
+  const stored = settings.get("opacity");
+  const opacity = stored === "" ? 50 : Number(stored);
   const base = insp.image_stored
     ? imgOr(imageUrl(insp.id, "image"), `input of inspection ${insp.id}`, "input image not available", { class: "layer base" })
     : h("div", { class: "base-missing" }, "the input image was not stored (heatmap only)");
@@ -53,7 +54,7 @@ function viewer(ctx, insp) {
   slider.addEventListener("input", () => {
     heat.style.opacity = slider.value / 100;
     label.textContent = `${slider.value} %`;
-    localStorage.setItem("clad.opacity", slider.value);
+    settings.set("opacity", slider.value);
   });
   const boxToggle = h("input", { type: "checkbox", checked: true, id: "show-boxes" });
   boxToggle.addEventListener("change", () => boxes.forEach((b) => { b.style.display = boxToggle.checked ? "" : "none"; }));

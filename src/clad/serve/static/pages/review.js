@@ -1,5 +1,5 @@
 // The review queue: unreviewed (or uncertain) inspections one after the other; n / d give the verdict and move on.
-import { imageUrl, query } from "../api.js";
+import { imageUrl, query, settings } from "../api.js";
 import { PageContext, modelPicker } from "../state.js";
 import { errorBox, fmtScore, h, imgOr } from "../ui.js";
 import { inspectionView } from "./inspection.js";
@@ -16,7 +16,7 @@ const QUEUES = {
 
 export async function render(view, ctx) {
   let model = "";
-  let queue = localStorage.getItem("clad.queue") in QUEUES ? localStorage.getItem("clad.queue") : "unreviewed";
+  let queue = settings.get("queue") in QUEUES ? settings.get("queue") : "unreviewed";
   let items = [];
   let selected = null; // id
   const list = h("div", { class: "panel queue", id: "queue" });
@@ -31,7 +31,7 @@ export async function render(view, ctx) {
   const queueSelect = h("select", { id: "review-queue", "aria-label": "queue" },
     Object.entries(QUEUES).map(([k, q]) => h("option", { value: k }, q.label)));
   queueSelect.value = queue;
-  queueSelect.addEventListener("change", () => { queue = queueSelect.value; localStorage.setItem("clad.queue", queue); load(); });
+  queueSelect.addEventListener("change", () => { queue = queueSelect.value; settings.set("queue", queue); load(); });
 
   view.append(
     h("div", { class: "toolbar" },
