@@ -29,6 +29,28 @@ NATURAL = argument_type(parse_int, 0)
 NUMBER = argument_type(parse_number)
 
 
+def _non_negative(text) -> float:
+    from clad.errors import SpecError
+
+    value = parse_number(text)
+    if value < 0:
+        raise SpecError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _port(text) -> int:
+    from clad.errors import SpecError
+
+    value = parse_int(text, 0)
+    if value > 65535:
+        raise SpecError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+NON_NEGATIVE = argument_type(_non_negative)
+PORT = argument_type(_port)
+
+
 def _build_detector(args, category: str | None = None):
     """The detector named by ``--detector`` with ``--param``, ``--backbone``, ``--seed`` and ``--aux``."""
     from clad.errors import CladError, ConfigError
@@ -284,6 +306,31 @@ def cmd_list(args) -> int:
     return 0
 
 
+# -- serve ----------------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from clad.serve import check_dependencies
+
+    check_dependencies()
+    from clad.serve.server import prepare_demo, run, settings_for
+
+    models, seed = list(args.models), []
+    if args.demo:
+        demo = prepare_demo(args.demo_dir)
+        models = [demo["model"]] + models
+        seed = demo["test"]
+    data_dir = args.data_dir or (os.path.join(args.demo_dir, "station") if args.demo else None)
+    settings = settings_for(models, data_dir=data_dir, db=args.db, store_images=args.store_images,
+                            api_key_file=args.api_key_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                            queue=args.queue, max_body_mb=args.max_body_mb, retention_days=args.retention_days,
+                            cors_origins=args.cors_origin or [], seed_images=seed)
+    try:
+        run(settings, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    except KeyboardInterrupt as e:
+        e.kept = f"the history is in {settings.db_url}"
+        raise
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error of every clad mistake (the usage stays in ``--help``)."""
 
@@ -352,6 +399,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default=DEFAULT_DETECTOR)
     p.add_argument("--backbone", default=None, help="default: the detector's own (efficientnet_lite0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve", help="the inspection station: an HTTP service and web app over saved models, with a history",
+        description="Serve saved models over HTTP (API at /api/v1, its docs at /docs, the web app at /, Prometheus "
+                    "metrics at /metrics) with a durable history of every inspection. Each model's name is its "
+                    "folder's name; its versions (threshold changes, taught references) are kept in MODEL_DIR/"
+                    ".versions and normal images for the closest normal patch in MODEL_DIR/.references. By default "
+                    "the station's data (the SQLite history station.db, stored images and anomaly maps) lives in "
+                    "clad_station/ beside the first MODEL_DIR. Needs the app extra: pip install -e \".[app]\".")
+    p.add_argument("models", nargs="*", metavar="MODEL_DIR", help="folders written by `clad fit`")
+    p.add_argument("--demo", action="store_true", help="fit the demo model (as `clad demo`) into --demo-dir and "
+                   "serve it, with its test images inspected once so the station shows something at once")
+    p.add_argument("--demo-dir", default="clad_demo_station", help="--demo's folder (default ./clad_demo_station; "
+                   "reused when it holds the model already)")
+    p.add_argument("--data-dir", help="the station's folder: history, images, maps (default: clad_station/ beside "
+                   "the first MODEL_DIR; with --demo, DEMO_DIR/station)")
+    p.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default sqlite:///DATA_DIR/station.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=PORT, default=8000, help="default 8000")
+    p.add_argument("--api-key-file", metavar="FILE", help="file whose first line is the key (16+ characters) that "
+                   "every write request (POST) must send as the header X-API-Key")
+    p.add_argument("--store-images", metavar="DIR|none", help="where uploaded images are stored, named by their "
+                   "sha256 (default DATA_DIR/images); 'none' stores none (no overlay, teaching or rating then)")
+    p.add_argument("--max-batch", type=POSITIVE, default=16, help="most images per forward pass (default 16)")
+    p.add_argument("--max-wait-ms", type=NON_NEGATIVE, default=10.0,
+                   help="longest wait for a batch to fill, in ms (default 10)")
+    p.add_argument("--queue", type=POSITIVE, default=64, help="most images waiting; more get 503 (default 64)")
+    p.add_argument("--max-body-mb", type=NON_NEGATIVE, default=20.0,
+                   help="largest request body, in MiB; larger get 413 (default 20)")
+    p.add_argument("--retention-days", type=NON_NEGATIVE, metavar="N",
+                   help="delete inspections (rows, images, maps) older than N days, at start and hourly "
+                        "(default: keep all)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list", help="list the registered detectors and backbones")
     p.set_defaults(func=cmd_list)

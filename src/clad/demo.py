@@ -44,3 +44,22 @@ def run_demo(out: Path, detector: str = "patchcore", backbone: str | None = None
     print(f"demo: image AUROC {res['image_auroc']:.3f}, pixel AUROC {res['pixel_auroc']:.3f}, AUPRO {res['aupro']:.3f}")
     print(f"demo: report -> {out / 'report' / 'index.html'}")
     return res
+
+
+def fit_demo_model(out: Path, detector: str = "patchcore", backbone: str | None = None, seed: int = 0) -> dict:
+    """The demo's synthetic set under ``out/data`` and a detector fitted on its normal images, saved to
+    ``out/synthetic_tile`` (kept: a second call reuses both). Returns {"model": folder, "references": the normal
+    images' paths, "test": the test images' paths (normal and defective)}."""
+    out = Path(out)
+    data_root, model = out / "data", out / "synthetic_tile"
+    if not (data_root / "synthetic_tile").is_dir():
+        make_synthetic_mvtec(data_root, category="synthetic_tile", n_train=12, n_test_good=6, n_test_defect=12,
+                             size=192, seed=seed)
+    train = MVTecAD(data_root, "synthetic_tile", "train")
+    test = MVTecAD(data_root, "synthetic_tile", "test")
+    if not (model / "config.json").is_file():
+        params = {"backbone": backbone} if backbone else {}
+        det = create_detector(detector, **params).fit([train[i].image for i in range(len(train))])
+        det.save(model)
+        print(f"demo: {det.name} fitted on {len(train)} normal images of a synthetic tile set -> {model}")
+    return {"model": model, "references": list(train.paths), "test": list(test.paths)}

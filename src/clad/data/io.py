@@ -1,6 +1,7 @@
 """Robust image and mask reading: any mode and bit depth in, RGB uint8 (or bool mask) out."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from clad.errors import ImageLoadError
 from clad.types import ImageLike
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # PIL's names of the formats of IMAGE_SUFFIXES
 # Refuse decompression bombs with a clear error instead of PIL's warning; 16k x 16k is far above any camera here.
 MAX_PIXELS = 16384 * 16384
 # A side longer than JPEG's and WebP's limit is no camera image: a few bytes of TIFF header can declare 5 x 8.7M.
@@ -37,13 +39,18 @@ def _open(path: Path) -> Image.Image:
         raise ImageLoadError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"{path}: empty file")
+    return _decode(path, str(path))
+
+
+def _decode(source, label: str, formats: Sequence[str] | None = None) -> Image.Image:
+    """Open and fully decode ``source`` (a path or a binary file object) with PIL; errors name ``label``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source, formats=formats)
             try:
                 if img.width * img.height > MAX_PIXELS or max(img.size) > MAX_SIDE:
-                    raise ImageLoadError(f"{path}: image too large ({img.width}x{img.height} pixels)")
+                    raise ImageLoadError(f"{label}: image too large ({img.width}x{img.height} pixels)")
                 img.load()  # decode now, so truncated data fails here and names the file
             except BaseException:
                 img.close()  # don't leak the file handle of a bad image
@@ -51,9 +58,13 @@ def _open(path: Path) -> Image.Image:
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: image too large ({e})") from e
+        raise ImageLoadError(f"{label}: image too large ({e})") from e
+    except Image.UnidentifiedImageError as e:
+        if not formats:
+            raise ImageLoadError(f"{label}: cannot read image ({type(e).__name__}: {e})") from e
+        raise ImageLoadError(f"{label}: not an image in a supported format ({', '.join(formats)})") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt data
-        raise ImageLoadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        raise ImageLoadError(f"{label}: cannot read image ({type(e).__name__}: {e})") from e
     return img
 
 
@@ -106,6 +117,22 @@ def load_image(path: str | Path) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageLoadError(f"{path}: image has zero size")
     return arr
+
+
+def decode_image(data: bytes, name: str = "upload") -> tuple[np.ndarray, str]:
+    """Decode image bytes (e.g. an upload) as (H, W, 3) uint8 RGB, as ``load_image`` decodes a file; returns the
+    array and the format's name ("PNG", "JPEG", ...). Only ``UPLOAD_FORMATS`` are tried, so bytes from outside are
+    never handed to PIL's other decoders (some run external programs). Raises ImageLoadError naming ``name``."""
+    if not data:
+        raise ImageLoadError(f"{name}: empty file")
+    img = _decode(io.BytesIO(data), name, UPLOAD_FORMATS)
+    try:
+        arr = _to_rgb(img)
+    except Exception as e:
+        raise ImageLoadError(f"{name}: cannot convert image mode {img.mode!r} to RGB ({e})") from e
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageLoadError(f"{name}: image has zero size")
+    return arr, img.format
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:

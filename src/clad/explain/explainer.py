@@ -15,7 +15,8 @@ For each image (``Explainer.explain``):
    ``PatchFeatures`` detector, standardised by the mean and standard deviation of normal patches: of the
    references when given, else of the catalogue's unmasked patches). ``space="auto"``: features for the
    catalogue when the detector has them (they named magnetic-tile types better than the shared space, measured
-   with ``clad.explain.quality``), else shared.
+   with ``clad.explain.quality``), else shared; without a shared space, features only when a catalogue or
+   references will read them (else none: no second forward per batch for descriptors nothing uses).
 3. defect types, ranked by similarity s_t of the region to each type t:
    - text (shared space only): cosine of the region descriptor to the type's text embedding, the normalised mean
      of ``detector.embed_texts`` over the type's descriptions (``clad.explain.phrases.defect_descriptions``);
@@ -151,9 +152,9 @@ class Explainer:
         """
         det = self.detector
         self.shared_ = isinstance(det, ImageTextSpace)
-        self.space_ = self._resolve_space()
-        self.features_ = FeatureSpace(det) if self.space_ == "features" else None
         refs = load_batch(references)[0] if references is not None else []
+        self.space_ = self._resolve_space(bool(refs))
+        self.features_ = FeatureSpace(det) if self.space_ == "features" else None
         if self.features_ is not None:
             self._standardise(refs)
         self.types_ = self._resolve_types()
@@ -164,7 +165,7 @@ class Explainer:
         self.pixel_threshold_, self.pixel_threshold_source_ = self._resolve_pixel_threshold(normal_images or references)
         return self
 
-    def _resolve_space(self) -> str:
+    def _resolve_space(self, has_references: bool) -> str:
         if self.space == "shared" and not self.shared_:
             raise TypeError(f"{_name(self.detector)}: has no shared image-text space (embed_patches/embed_texts)")
         if self.space != "auto":
@@ -172,7 +173,9 @@ class Explainer:
         has_features = isinstance(self.detector, PatchFeatures)
         if self.shared_ and (self.catalogue is None or not has_features):
             return "shared"
-        return "features" if has_features else "none"
+        # Features serve only the catalogue and the nearest normal patch: without either, a second forward per
+        # batch would compute descriptors nothing reads (the explanation is the same without them).
+        return "features" if has_features and (self.catalogue is not None or has_references) else "none"
 
     def _visual(self, arrays: list[np.ndarray]) -> torch.Tensor | None:
         """(B, D, h, w) patch descriptors in the catalogue space."""
