@@ -66,7 +66,9 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (!res.ok) {
     const retryAfter = res.headers.get("Retry-After");
-    throw new ApiError(res.status, detailText(data, res) + hint(res.status, retryAfter), retryAfter);
+    const detail = detailText(data, res);
+    const extra = hint(res.status, retryAfter);
+    throw new ApiError(res.status, extra && !/[.!?]$/.test(detail) ? `${detail}.${extra}` : detail + extra, retryAfter);
   }
   if (data === null && text) throw new ApiError(res.status, `The station answered ${path} with something that is not JSON.`);
   return data;

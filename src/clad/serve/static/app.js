@@ -34,7 +34,7 @@ async function route() {
     await module.render(view, ctx, ...parts.slice(1).map(decodeURIComponent));
   } catch (err) {
     if (err.name === "AbortError" || !ctx.alive) return;
-    console.error(err);
+    if (!(err instanceof ApiError)) console.error(err); // a bug; the API's own refusals are shown, not logged
     view.append(errorBox(err instanceof ApiError ? err : new ApiError(0, `The page failed: ${err.message}`),
       () => route()));
   }

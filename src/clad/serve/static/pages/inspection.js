@@ -43,7 +43,7 @@ function viewer(ctx, insp) {
     const [x0, y0, x1, y1] = r.box;
     const top = r.types && r.types.length ? r.types[0].name : "";
     return h("div", {
-      class: `box${y0 / hgt < 0.08 ? " below" : ""}`,
+      class: `box${y0 / hgt < 0.08 ? " inside" : ""}`, // no room above: the label goes inside
       style: `left:${(100 * x0) / w}%;top:${(100 * y0) / hgt}%;width:${(100 * (x1 - x0)) / w}%;height:${(100 * (y1 - y0)) / hgt}%`,
     }, h("span", { class: "box-label" }, `${i + 1}${top ? ` ${top}` : ""}`));
   });
@@ -85,7 +85,9 @@ function regionsTable(insp) {
     h("tbody", {}, insp.regions.map((r, i) => h("tr", {},
       h("td", {}, String(i + 1)),
       h("td", { class: "num" }, fmtPct(r.share, r.share < 0.1 ? 1 : 0)),
-      h("td", {}, (r.types || []).slice(0, 3).map((t, j) => [j ? ", " : "", h("b", {}, t.name), ` ${t.score.toFixed(2)}`]))))));
+      h("td", {}, r.types && r.types.length
+        ? r.types.slice(0, 3).map((t, j) => [j ? ", " : "", h("b", {}, t.name), ` ${t.score.toFixed(2)}`])
+        : h("span", { class: "muted" }, "not ranked by this detector")))))));
 }
 
 // The verdict form: two big buttons (normal / defect) that save with the optional fields below them.

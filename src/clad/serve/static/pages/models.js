@@ -68,7 +68,7 @@ export async function render(view, ctx) {
           btn.disabled = true;
           try {
             const updated = await ctx.post(`/models/${encodeURIComponent(m.name)}/rollback`, { version: v.version });
-            flash(`${m.name}: version ${v.version} is active again (as v${updated.version})`);
+            flash(`${m.name}: version ${v.version} is active again${updated.version === v.version ? "" : ` (as v${updated.version})`}`);
             await fillCard(card, updated);
           } catch (err) {
             if (err.name === "AbortError") return;
