@@ -87,7 +87,7 @@ function regionsTable(insp) {
       h("td", { class: "num" }, fmtPct(r.share, r.share < 0.1 ? 1 : 0)),
       h("td", {}, r.types && r.types.length
         ? r.types.slice(0, 3).map((t, j) => [j ? ", " : "", h("b", {}, t.name), ` ${t.score.toFixed(2)}`])
-        : h("span", { class: "muted" }, "not ranked by this detector")))))));
+        : h("span", { class: "muted" }, "not ranked by this detector"))))));
 }
 
 // The verdict form: two big buttons (normal / defect) that save with the optional fields below them.
