@@ -381,3 +381,29 @@ def test_operator_flow_in_a_browser(browser, station, shots, tmp_path):
     page.go("inspection/999999")
     assert "Error 404" in page.text("#view .error")
     page.shot("error_404")
+
+
+# -- without a browser --------------------------------------------------------------------------------------------
+STATIC = Path(__file__).resolve().parents[1] / "src" / "clad" / "serve" / "static"
+
+
+def test_the_app_is_self_contained_and_fetches_nothing_from_the_internet():
+    """Every file index.html and the modules load is in the static folder, and no file names another origin: the
+    app runs on a line with no internet and needs no build step."""
+    import re
+
+    files = {p.relative_to(STATIC).as_posix(): p.read_text() for p in STATIC.rglob("*") if p.is_file()}
+    assert {"index.html", "app.js", "app.css"} <= set(files)
+    html = files["index.html"]
+    loaded = set(re.findall(r'(?:src|href)="([^"#:]+)"', html))
+    assert {"app.js", "app.css"} <= loaded
+    for name, text in files.items():
+        if name.endswith(".js"):  # relative ES module imports, resolved against the importing file
+            for target in re.findall(r'^import .*? from "(\.{1,2}/[^"]+)";', text, re.M):
+                loaded.add((Path(name).parent / target).as_posix())
+    missing = {f for f in loaded if os.path.normpath(f) not in files}
+    assert not missing, f"loaded but not in {STATIC}: {missing}"
+    for name, text in files.items():
+        foreign = [u for u in re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"'`)]*", text)
+                   if not u.startswith("http://www.w3.org/2000/svg")]  # the SVG namespace is a name, not a fetch
+        assert not foreign, f"{name} names another origin: {foreign}"
