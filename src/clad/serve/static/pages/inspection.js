@@ -78,16 +78,38 @@ function gauge(insp) {
     h("div", { class: "gauge-legend" }, h("span", {}, "normal"), h("span", {}, "threshold"), h("span", {}, "defect")));
 }
 
+const CROP = 72; // px: the side of a region's crop and of its closest normal patch in the table
+
+// The region cut out of the stored input (a CSS crop of image.png), scaled to fit CROP x CROP.
+function regionCrop(insp, box) {
+  const [x0, y0, x1, y1] = box;
+  const scale = CROP / Math.max(1, x1 - x0, y1 - y0);
+  return h("div", {
+    class: "crop", title: "the region in the input",
+    style: `width:${CROP}px;height:${CROP}px;background-image:url("${imageUrl(insp.id, "image")}");`
+      + `background-size:${insp.width * scale}px ${insp.height * scale}px;`
+      + `background-position:${-x0 * scale + (CROP - (x1 - x0) * scale) / 2}px ${-y0 * scale + (CROP - (y1 - y0) * scale) / 2}px`,
+  });
+}
+
+// Each region: where, how large, the ranked defect types, and beside its crop the closest normal reference patch.
 function regionsTable(insp) {
   if (!insp.regions.length) return h("p", { class: "muted" }, "No anomalous region above the threshold.");
   return h("table", { class: "regions" },
-    h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", { class: "num" }, "share"), h("th", {}, "most likely types"))),
-    h("tbody", {}, insp.regions.map((r, i) => h("tr", {},
+    h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "where"), h("th", { class: "num" }, "share"),
+      h("th", {}, "most likely types"), h("th", {}, "region · closest normal patch"))),
+    h("tbody", {}, insp.regions.map((r, i) => h("tr", { "data-region": i },
       h("td", {}, String(i + 1)),
+      h("td", {}, r.location || "–"),
       h("td", { class: "num" }, fmtPct(r.share, r.share < 0.1 ? 1 : 0)),
       h("td", {}, r.types && r.types.length
         ? r.types.slice(0, 3).map((t, j) => [j ? ", " : "", h("b", {}, t.name), ` ${t.score.toFixed(2)}`])
-        : h("span", { class: "muted" }, "not ranked by this detector"))))));
+        : h("span", { class: "muted" }, "not ranked by this detector")),
+      h("td", {}, i < 4 ? h("div", { class: "nearest" },
+        insp.image_stored ? regionCrop(insp, r.box) : null,
+        h("a", { href: imageUrl(insp.id, "nearest", { region: i }), target: "_blank" },
+          imgOr(imageUrl(insp.id, "nearest", { region: i }), `closest normal patch of region ${i + 1}`, "none",
+            { class: "nearest-img", width: CROP, height: CROP }))) : h("span", { class: "muted" }, "–"))))));
 }
 
 // The verdict form: two big buttons (normal / defect) that save with the optional fields below them.
@@ -169,6 +191,8 @@ function verdictPanel(ctx, insp, onVerdict, keys) {
       h("kbd", {}, "1"), "-", h("kbd", {}, "5"), " localization rating.") : null);
 }
 
+const ms = (x) => (x === undefined || x === null ? "–" : x < 10 ? x.toFixed(1) : x.toFixed(0));
+
 export function inspectionView(ctx, insp, { onVerdict = () => {}, keys = false } = {}) {
   const t = insp.timings_ms || {};
   const tags = [
@@ -191,10 +215,8 @@ export function inspectionView(ctx, insp, { onVerdict = () => {}, keys = false }
       h("section", { class: "panel", style: "margin-top:1rem" },
         h("h3", { style: "margin-top:0" }, "Regions"),
         regionsTable(insp),
-        h("h3", {}, "Closest normal patch"),
-        h("div", { class: "nearest" },
-          imgOr(imageUrl(insp.id, "nearest"), "closest normal reference patch", "this detector gives no nearest normal patch"),
-          h("span", { class: "muted" }, "the reference patch most similar to the most anomalous spot")),
+        insp.regions.length ? h("p", { class: "muted", style: "font-size:.8rem;margin:.4rem 0 0" },
+          "Beside each region, the most similar patch of the model's normal references.") : null,
         h("h3", {}, "Details"),
         h("dl", { class: "facts" },
           fact("model", `${insp.model} v${insp.model_version}`),
@@ -202,6 +224,6 @@ export function inspectionView(ctx, insp, { onVerdict = () => {}, keys = false }
           fact("source", insp.source || "–"),
           fact("size", `${insp.width} × ${insp.height} px`),
           fact("normalized", insp.score_normalized === null ? "–" : insp.score_normalized.toFixed(3)),
-          fact("time", `${(t.total ?? 0).toFixed(0)} ms (queue ${(t.queue ?? 0).toFixed(0)}, predict ${(t.predict ?? 0).toFixed(0)}, explain ${(t.explain ?? 0).toFixed(0)})`),
+          fact("time", `${ms(t.total)} ms (${["decode", "queue", "predict", "explain", "save"].filter((k) => k in t).map((k) => `${k} ${ms(t[k])}`).join(", ")})`),
           fact("sha256", h("span", { class: "mono", title: insp.image_sha256 }, `${(insp.image_sha256 || "").slice(0, 16)}…`))))));
 }

@@ -6,6 +6,7 @@ import { errorBox, fact, flash, fmtScore, fmtTime, h } from "../ui.js";
 export const title = "Models";
 
 const REASONS = { initial: "as loaded", threshold: "new threshold", teach: "taught normals", rollback: "rollback" };
+const SOURCES = { references: "label-free, from the references", user: "set by an operator" };
 
 export async function render(view, ctx) {
   const host = h("div", { id: "models" });
@@ -80,7 +81,7 @@ export async function render(view, ctx) {
       return h("tr", { class: v.active ? "active" : "", "data-version": v.version },
         h("td", { class: "num" }, `v${v.version}`),
         h("td", {}, fmtTime(v.created)),
-        h("td", {}, REASONS[v.reason] || v.reason),
+        h("td", {}, REASONS[v.reason] || v.reason, v.parent ? h("span", { class: "muted" }, ` (from v${v.parent})`) : null),
         h("td", { class: "num" }, v.threshold === null ? "–" : fmtScore(v.threshold)),
         h("td", { class: "num" }, v.n_references ?? "–"),
         h("td", {}, btn));
@@ -96,12 +97,13 @@ export async function render(view, ctx) {
       h("div", { class: "model-head" },
         h("h2", {}, m.name),
         h("span", { class: "tag tag-open" }, m.detector),
-        h("span", { class: "muted" }, `version ${m.version} active`)),
+        h("span", { class: "muted" }, `version ${m.version} active`),
+        m.ready === false ? h("span", { class: "tag tag-uncertain" }, "loading") : null),
       h("div", { class: "model-body" },
         h("div", {},
           h("dl", { class: "facts" },
             fact("active version", h("b", { class: "active-version" }, `v${m.version}`)),
-            fact("threshold", m.threshold === null ? "none" : `${fmtScore(m.threshold)}${m.threshold_source ? ` (${m.threshold_source})` : ""}`),
+            fact("threshold", m.threshold === null ? "none" : `${fmtScore(m.threshold)}${m.threshold_source ? ` (${SOURCES[m.threshold_source] || m.threshold_source})` : ""}`),
             fact("references", m.n_references ?? "–"),
             fact("learns from verdicts", m.can_add_references ? "yes" : "no")),
           h("h3", {}, "Teach"),
