@@ -170,6 +170,11 @@ def test_list_filters_and_pagination(station):
         items = station.get("/inspections", params={"decision": decision, "limit": 500}).json()["items"]
         assert items and all(i["decision"] == decision for i in items)
     assert station.get("/inspections", params={"since": "2999-01-01T00:00:00Z"}).json() == {"items": [], "total": 0}
+    newest = page["items"][0]["created"]
+    recent = station.get("/inspections", params={"since": newest, "model": "spade"}).json()
+    assert [i["id"] for i in recent["items"]] == [ids[-1]]
+    older = station.get("/inspections", params={"until": newest, "model": "spade"}).json()["items"]
+    assert ids[-1] not in [i["id"] for i in older] and ids[0] in [i["id"] for i in older]
     everything = station.get("/inspections", params={"until": "2999-01-01T00:00:00Z"}).json()["total"]
     assert everything == station.get("/inspections").json()["total"]
     assert station.get("/inspections", params={"verdict": "maybe"}).status_code == 422

@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the first MODEL_DIR; with --demo, DEMO_DIR/station)")
     p.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default sqlite:///DATA_DIR/station.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=PORT, default=8000, help="default 8000")
+    p.add_argument("--port", type=PORT, default=8000, help="default 8000; 0: a free port, printed at start")
     p.add_argument("--api-key-file", metavar="FILE", help="file whose first line is the key (16+ characters) that "
                    "every write request (POST) must send as the header X-API-Key")
     p.add_argument("--store-images", metavar="DIR|none", help="where uploaded images are stored, named by their "

@@ -187,10 +187,11 @@ class ModelSlot:
         det = self.initial if n == 1 else load_detector(self._version_folder(n))
         return self._serve(self.version(n), det)
 
-    def _serve(self, version: Version, det) -> Active:
+    def _serve(self, version: Version, det, warm_up: bool = True) -> Active:
         from clad.explain import Explainer
 
-        warm(det)
+        if warm_up:  # not for a copy sharing the served backbone: two threads would run one module at once
+            warm(det)
         # Without references the explainer needs no forward of its own (clad.explain: space "none"); the regions'
         # pixel threshold is the detector's own when its score is the map's maximum, else each image's (explained
         # one by one, so that an image's regions never depend on the batch it came in).
@@ -198,10 +199,10 @@ class ModelSlot:
         self.active = active
         return active
 
-    def _activate(self, version: Version, det) -> Active:
+    def _activate(self, version: Version, det, warm_up: bool = True) -> Active:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.versions_dir / ACTIVE_FILE, {"version": version.version, "since": iso(_now())})
-        return self._serve(version, det)
+        return self._serve(version, det, warm_up)
 
     def set_threshold(self, threshold: float) -> Version:
         with self.lock:
@@ -209,7 +210,7 @@ class ModelSlot:
             det = copy.copy(cur.detector)  # shares the fitted tensors and the backbone: only the threshold differs
             det.set_threshold(threshold)
             v = self._write_version(det, "threshold", cur.version.version, cur.version.n_references)
-            self._activate(v, det)
+            self._activate(v, det, warm_up=False)
             return v
 
     def teach(self, images: list[np.ndarray], pngs: dict[str, bytes]) -> tuple[Version, float]:
