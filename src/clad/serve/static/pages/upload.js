@@ -8,11 +8,11 @@ export const title = "Upload";
 export async function render(view, ctx) {
   const picker = await modelPicker(() => {}, { id: "upload-model" });
   const source = h("input", { type: "text", id: "upload-source", value: "upload", "aria-label": "source" });
-  const fileInput = h("input", { type: "file", id: "upload-file", multiple: true, accept: "image/*,.tif,.tiff,.bmp", style: "display:none" });
+  const fileInput = h("input", { type: "file", id: "upload-file", multiple: true, accept: "image/*,.tif,.tiff,.bmp,.webp", style: "display:none" });
   const chooseBtn = h("button", { type: "button", class: "btn btn-primary", onclick: () => fileInput.click() }, "Choose images…");
   const zone = h("div", { class: "dropzone", id: "dropzone" },
     h("p", { class: "big" }, "Drop images here"),
-    h("p", { class: "muted" }, "PNG, JPEG, BMP or TIFF; each is inspected with the chosen model and stored in the history."),
+    h("p", { class: "muted" }, "PNG, JPEG, BMP, TIFF or WebP; each is inspected with the chosen model and stored in the history."),
     h("p", {}, chooseBtn), fileInput);
   const results = h("div", { class: "results", id: "upload-results" });
   view.append(
