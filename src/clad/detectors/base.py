@@ -272,6 +272,8 @@ class Detector:
             self._keep_references(arrays)
             if self.threshold_source_ == "references":
                 self._calibrate_threshold([r.numpy() for r in self.references_])
+            else:  # no longer the references' views: ``adopt`` keeps this threshold
+                self.threshold_views_ = None
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
@@ -344,11 +346,13 @@ class Detector:
         """The side of the threshold's views: the working size."""
         return getattr(self.config, "image_size", None) or 256
 
-    def _calibrate_threshold(self, arrays: list[np.ndarray]) -> None:
+    def _calibrate_threshold(self, images: list[ImageLike]) -> None:
         """Set ``threshold_`` and ``threshold_scale_`` from views of the references (``thresholds.views``)."""
         # Imported here, as in ``predict``: listing the registries loads no other module of clad.detectors or data.
+        from clad.data.io import load_batch
         from clad.detectors.thresholds import views
 
+        arrays, _ = load_batch(images)  # decoded already by fit: no copy
         # kept (not saved) so that ``adopt`` can redo the threshold for other inference parameters
         self.threshold_views_ = views(arrays, self._view_size(), getattr(self.config, "seed", 0))
         self._threshold_from_views()
@@ -385,7 +389,7 @@ class Detector:
         self._check_fitted()
         directory = Path(directory)
         tensors, meta = self._get_state()
-        if getattr(self, "references_", None) is not None:  # what teaching needs (``add_references``)
+        if self.can_add_references and getattr(self, "references_", None) is not None:  # for ``add_references``
             tensors = {**tensors, TEACHING_TENSOR: self.references_}
             meta = {**meta, TEACHING_META: {"n_references": self.n_references_}}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -18,6 +18,9 @@ Choices:
   0.01, where it lets noise dominate the map; ``eps=1`` is the default (benchmarks/README.md, "PaDiM's eps").
 - memory: the fit accumulates per-position moments batch by batch in float64 (never all the features at once);
   the inverse is computed once per position (Cholesky, in chunks) and stored as the precision matrix.
+- teaching (``add_references``): the moments are kept and saved (float32, the d x d sums as their upper triangle:
+  21 MB at the defaults, beside the precision's 41 MB), the new images' added to them and the Gaussians computed
+  again: the same as a fit on all the references, up to float rounding.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""PatchKNN: the simplest patch-memory detector (PatchCore without coreset), the contract's reference."""
+"""PatchKNN: the simplest patch-memory detector (PatchCore without coreset), the contract's reference.
+
+Teaching (``add_references``) appends the new patches to the memory, which past ``max_bank`` stays a uniform sample
+of every patch seen (reservoir sampling).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -23,6 +23,9 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - predict: each batch is split over torch's threads, one part per thread (``workers``), with one torch thread
   each; the same results as one call, faster on a CPU (see ``_predict_batch``).
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
+- teaching (``add_references``): the new references' patches join the memory by the greedy k-center rule
+  continued from it (``continue_coreset``), as many as keep it ``coreset_ratio`` of every patch seen; the search
+  indexes take the new rows without a rebuild (``extended``) until the memory has doubled since they were built.
 """
 from __future__ import annotations
 
