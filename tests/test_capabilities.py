@@ -24,7 +24,8 @@ EXPLAIN = Path(clad.__file__).parent / "explain"
 def test_builtin_declarations():
     cls = clad.registry.detector_class
     assert [n for n in clad.list_detectors() if cls(n).score_is_map_max] == ["clad_plus", "padim", "patch_knn", "patchcore"]
-    assert not any(cls(n).can_add_references for n in clad.list_detectors())
+    assert [n for n in clad.list_detectors() if cls(n).can_add_references] == ["clad_plus", "padim", "patch_knn", "patchcore"]
+    assert clad.create_detector("clad", memory=True).can_add_references  # CLAD+'s memory is what learns
     # settings that change the answer: CLAD's image score, PatchCore's re-weighting (Eq. 7)
     assert clad.create_detector("clad", image_score="max").score_is_map_max
     assert not clad.create_detector("clad_plus", image_score="pooled").score_is_map_max
@@ -38,7 +39,7 @@ def test_builtin_protocols(name):
     assert isinstance(det, ImageTextSpace) == (name in ("clad", "clad_plus"))
     assert isinstance(det, GradCAM) == (name in ("clad", "clad_plus", "patchcore"))
     assert isinstance(det, PatchFeatures) == (name != "winclip")
-    assert not isinstance(det, AddsReferences)
+    assert isinstance(det, AddsReferences)  # every detector has the method; ``can_add_references`` says if it works
 
 
 def test_patch_features_are_the_backbone_layers(normal_images):

@@ -101,7 +101,8 @@ def test_config_records_tensors_and_checksums(saved):
     doc = json.loads((saved / "config.json").read_text())
     assert doc["format_version"] == 2
     assert doc["sha256"] == hashlib.sha256((saved / "model.safetensors").read_bytes()).hexdigest()
-    assert set(doc["tensors"]) == {"memory_bank"}
+    assert set(doc["tensors"]) == {"memory_bank", "teaching.references"}  # the second for add_references
+    assert doc["tensors"]["teaching.references"]["dtype"] == "uint8"
     assert doc["tensors"]["memory_bank"]["dtype"] == "float32" and len(doc["tensors"]["memory_bank"]["shape"]) == 2
 
 

@@ -17,6 +17,11 @@ class ConfigError(CladError, ValueError):
     """A configuration or saved-model file is malformed."""
 
 
+class TeachingError(CladError, ValueError):
+    """Normal references cannot be added to this detector: it cannot be taught (``can_add_references`` is False),
+    is not fitted, was saved without what teaching needs, or no image was given."""
+
+
 class ModelNotFoundError(CladError, FileNotFoundError):
     """A model that must be supplied by the user (e.g. CLIP weights) is not there."""
 

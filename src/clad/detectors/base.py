@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors, save as dump_tensors
 
-from clad.errors import ConfigError
+from clad.errors import ConfigError, TeachingError
 from tqdm.auto import tqdm
 from clad.types import AnomalyResult, ImageLike
 
@@ -135,6 +135,9 @@ def _is_threshold(value: Any) -> bool:
     return _is_type(value, float | None)
 
 
+# Where a saved model keeps what teaching (``add_references``) needs besides the detector's own state: the sample of
+# references for the threshold's views, and how many references it has learned from.
+TEACHING_TENSOR, TEACHING_META = "teaching.references", "teaching"
 THRESHOLD_SOURCES = ("references", "user")  # where ``threshold_`` came from: fit's label-free rule, or set_threshold
 
 
@@ -194,6 +197,10 @@ class Detector:
     ``fit`` also sets the label-free decision threshold ``threshold_`` (``threshold_source_`` "references") and
     the scale of the normalised score ``threshold_scale_`` from views of the references (``clad.detectors
     .thresholds``); ``set_threshold`` overrides the threshold (source "user").
+
+    A detector that declares ``can_add_references`` implements ``_add_references``; ``add_references`` then
+    teaches it more normal images without a refit, and it keeps (and saves) ``references_``, a sample of its
+    references at the working size, from which the threshold is set again after teaching.
     """
 
     name: ClassVar[str] = ""
@@ -226,8 +233,62 @@ class Detector:
         images = list(normal_images)
         self._fit(images)
         self.fitted_ = True
-        self._calibrate_threshold(images)
+        from clad.data.io import load_batch
+
+        arrays, _ = load_batch(images)
+        if self.can_add_references:
+            self.references_, self.n_references_ = None, 0
+            self._keep_references(arrays)
+        self._calibrate_threshold(arrays)
         return self
+
+    def add_references(self, images: Sequence[ImageLike]) -> "Detector":
+        """Teach the detector more normal images without a refit: they join its references (for a memory, its
+        memory and search index; for PaDiM, its Gaussians), and a threshold set from the references
+        (``threshold_source_`` "references") is set again from views of them all; a user's threshold stays.
+
+        Accepts what ``predict`` accepts, with the same errors for an image that cannot be used; a detector that
+        cannot be taught (``can_add_references`` False, not fitted, saved without what teaching needs) or an empty
+        list raises ``TeachingError``. On any error the detector is left as it was. Returns self.
+        """
+        if not self.can_add_references:
+            raise TeachingError(f"{self.name}: cannot add references without a refit (can_add_references is "
+                                f"False); fit it again on all the references instead")
+        if not getattr(self, "fitted_", False):
+            raise TeachingError(f"{self.name}: not fitted: fit(normal_images) (or load_detector) before "
+                                "add_references")
+        if getattr(self, "references_", None) is None:
+            raise TeachingError(f"{self.name}: this model was saved without what teaching needs (by a clad before "
+                                "add_references); fit it again to teach it")
+        images = list(images)
+        if not images:
+            raise TeachingError(f"{self.name}: add_references needs at least one image")
+        from clad.data.io import load_batch
+
+        arrays, _ = load_batch(images)  # every image decoded before anything changes
+        before = dict(self.__dict__)  # fitted tensors are replaced by teaching, never changed in place
+        try:
+            self._add_references(arrays)
+            self._keep_references(arrays)
+            if self.threshold_source_ == "references":
+                self._calibrate_threshold([r.numpy() for r in self.references_])
+            else:  # no longer the references' views: ``adopt`` keeps this threshold
+                self.threshold_views_ = None
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        return self
+
+    def _keep_references(self, arrays: list[np.ndarray]) -> None:
+        """Update ``references_`` (R, S, S, 3) uint8 and ``n_references_`` with ``arrays``: the sample of the
+        references that the threshold's views are drawn from (``thresholds.keep_references``)."""
+        from clad.detectors.thresholds import keep_references
+
+        kept = [] if self.references_ is None else list(self.references_.numpy())
+        kept = keep_references(kept, self.n_references_, arrays, self._view_size(), getattr(self.config, "seed", 0))
+        self.references_ = torch.from_numpy(np.stack(kept))
+        self.n_references_ += len(arrays)
 
     def predict(self, images: Sequence[ImageLike], batch_size: int = 16, progress: bool = False) -> AnomalyResult:
         """Score images: (B,) scores and one map per image at its own resolution."""
@@ -281,16 +342,19 @@ class Detector:
             self._threshold_from_views()
 
     # -- the label-free threshold ------------------------------------------------------------------------
+    def _view_size(self) -> int:
+        """The side of the threshold's views: the working size."""
+        return getattr(self.config, "image_size", None) or 256
+
     def _calibrate_threshold(self, images: list[ImageLike]) -> None:
         """Set ``threshold_`` and ``threshold_scale_`` from views of the references (``thresholds.views``)."""
         # Imported here, as in ``predict``: listing the registries loads no other module of clad.detectors or data.
         from clad.data.io import load_batch
         from clad.detectors.thresholds import views
 
-        arrays, _ = load_batch(images)
-        size = getattr(self.config, "image_size", None) or 256
+        arrays, _ = load_batch(images)  # decoded already by fit: no copy
         # kept (not saved) so that ``adopt`` can redo the threshold for other inference parameters
-        self.threshold_views_ = views(arrays, size, getattr(self.config, "seed", 0))
+        self.threshold_views_ = views(arrays, self._view_size(), getattr(self.config, "seed", 0))
         self._threshold_from_views()
 
     def _threshold_from_views(self) -> None:
@@ -325,6 +389,9 @@ class Detector:
         self._check_fitted()
         directory = Path(directory)
         tensors, meta = self._get_state()
+        if self.can_add_references and getattr(self, "references_", None) is not None:  # for ``add_references``
+            tensors = {**tensors, TEACHING_TENSOR: self.references_}
+            meta = {**meta, TEACHING_META: {"n_references": self.n_references_}}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         bad = _non_finite(tensors)
         if bad is not None:
@@ -358,6 +425,11 @@ class Detector:
         raise NotImplementedError
 
     def _predict_batch(self, images: list[ImageLike]) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+    def _add_references(self, arrays: list[np.ndarray]) -> None:
+        """Learn the normal (H, W, 3) uint8 ``arrays`` too (with ``can_add_references``): replace the fitted
+        tensors that change (never change them in place: ``add_references`` restores them on an error)."""
         raise NotImplementedError
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -410,8 +482,14 @@ def load_detector(directory: str | Path) -> Detector:
         warnings.warn(f"{cfg_path}: a format-1 model, saved without checksums: its files are not verified "
                       "(load and save it again to add them)", stacklevel=2)
     tensors = _read_state(state_path, doc if verified else None)
+    meta = dict(doc["meta"])
+    teaching, references = meta.pop(TEACHING_META, None), tensors.pop(TEACHING_TENSOR, None)
     try:
-        det._set_state(tensors, doc["meta"])
+        det._set_state(tensors, meta)
+        if (teaching is None) != (references is None):
+            raise ValueError(f"{TEACHING_META!r} in meta and tensor {TEACHING_TENSOR!r} go together")
+        if teaching is not None:
+            det.references_, det.n_references_ = _teaching_state(references, teaching)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ConfigError(f"{state_path}: does not match {cfg_path.name} ({type(e).__name__}: {e})") from e
     det.threshold_ = None if doc.get("threshold") is None else float(doc["threshold"])
@@ -421,6 +499,18 @@ def load_detector(directory: str | Path) -> Detector:
     if not verified:
         _probe(det, cfg_path)
     return det
+
+
+def _teaching_state(references: torch.Tensor, teaching: Any) -> tuple[torch.Tensor, int]:
+    """(``references_``, ``n_references_``) of a saved model, checked."""
+    n = teaching.get("n_references") if isinstance(teaching, dict) else None
+    if references.dtype != torch.uint8 or references.dim() != 4 or references.shape[-1] != 3:
+        raise ValueError(f"tensor {TEACHING_TENSOR!r} must be (R, S, S, 3) uint8, got {tuple(references.shape)} "
+                         f"{references.dtype}")
+    if type(n) is not int or not 1 <= len(references) <= n:
+        raise ValueError(f"{TEACHING_META}.n_references must be an int >= the {len(references)} references kept, "
+                         f"got {n!r}")
+    return references, n
 
 
 def _probe(det: Detector, cfg_path: Path) -> None:

@@ -4,6 +4,7 @@ Class attributes on ``Detector`` (``clad.detectors.base``):
 - ``score_is_map_max``: the image score is the largest value of the anomaly map, so an image threshold is also a
   map threshold. A detector whose answer depends on its settings declares ``from_config(rule)``.
 - ``can_add_references``: ``add_references(images)`` (``AddsReferences``) adds normal references without a refit.
+  Every ``Detector`` has the method; on one that does not declare the capability it raises ``TeachingError``.
 
 Protocols (``isinstance(detector, Protocol)`` checks that the methods exist):
 - ``ImageTextSpace``: texts and image patches embedded in one space (explanations rank defect types by it);
@@ -69,10 +70,10 @@ class PatchFeatures(Protocol):
 
 @runtime_checkable
 class AddsReferences(Protocol):
-    """Normal references added to a fitted detector without a refit (with ``can_add_references = True``)."""
+    """Normal references added to a fitted detector without a refit (working where ``can_add_references``)."""
 
     def add_references(self, images: Sequence[ImageLike]) -> "Detector":
-        """Returns the detector."""
+        """Teach the images as normal; returns the detector."""
 
 
 class BackbonePatchFeatures:

@@ -18,6 +18,9 @@ Choices:
   0.01, where it lets noise dominate the map; ``eps=1`` is the default (benchmarks/README.md, "PaDiM's eps").
 - memory: the fit accumulates per-position moments batch by batch in float64 (never all the features at once);
   the inverse is computed once per position (Cholesky, in chunks) and stored as the precision matrix.
+- teaching (``add_references``): the moments are kept and saved (float32, the d x d sums as their upper triangle:
+  21 MB at the defaults, beside the precision's 41 MB), the new images' added to them and the Gaussians computed
+  again: the same as a fit on all the references, up to float rounding.
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ class PaDiM(BackbonePatchFeatures, Detector):
 
     Config = PaDiMConfig
     score_is_map_max = True
+    can_add_references = True
 
     @torch.inference_mode()
     def _grid_features(self, arrays) -> torch.Tensor:
@@ -115,42 +119,47 @@ class PaDiM(BackbonePatchFeatures, Detector):
         return self._grid_features(arrays)[:, self.channels_].flatten(2).transpose(1, 2)
 
     def _fit(self, images) -> None:
+        self._gaussians(self._accumulate(None, images, 0))
+
+    def _add_references(self, arrays) -> None:
+        """The new images' features are added to the moments, and the Gaussians computed from them again: the
+        same as a fit on all the references, up to float rounding (the moments are kept in float32)."""
+        self._gaussians(self._accumulate(self.moments_.unpacked(), arrays, self.n_references_))
+
+    def _accumulate(self, moments: "_Moments | None", images, first: int) -> "_Moments":
+        """``moments`` with the selected channels of ``images`` added (references ``first``, ``first + 1``, ...,
+        with their jittered copies), batch by batch. None: a fit, which draws the channels and shifts the moments
+        by the first image's features, so that float64 moments stay well conditioned."""
         cfg = self.config
-        n, ref = 0, None
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
-            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, start))
+            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, first + start))
             f = self._grid_features(arrays)  # (B, C, h, w)
-            if ref is None:
+            if moments is None:
                 gen = torch.Generator().manual_seed(cfg.seed)
                 self.channels_ = torch.randperm(f.shape[1], generator=gen)[: cfg.n_features].sort().values
                 self.grid_ = tuple(f.shape[-2:])
             x = f[:, self.channels_].flatten(2).transpose(1, 2).double()  # (B, P, d)
-            if ref is None:
-                # Shift by the first image's features so float64 moments stay well conditioned.
-                ref = x[0].clone()
-                p, d = ref.shape
-                s1, s2 = torch.zeros(p, d, dtype=torch.float64), torch.zeros(p, d, d, dtype=torch.float64)
-                s_aa, s_ax, s_a = torch.zeros(p, dtype=torch.float64), torch.zeros(p, d, dtype=torch.float64), torch.zeros(p, dtype=torch.float64)
-            with single_thread():  # one small product per position: threads only add synchronisation
-                y = x - ref  # (B, P, d)
-                a = (y * y).sum(2)  # (B, P)
-                n += y.shape[0]
-                s1 += y.sum(0)
-                yt = y.permute(1, 2, 0)  # (P, d, B)
-                s2 += torch.bmm(yt, yt.transpose(1, 2))  # (P, d, d)
-                s_aa += (a * a).sum(0)
-                s_ax += (a[:, :, None] * y).sum(0)
-                s_a += a.sum(0)
-        self.mean_ = (ref + s1 / n).float()  # (P, d)
+            if moments is None:
+                moments = _Moments.zeros(x[0].clone())
+            moments.add(x)
+        return moments
+
+    def _gaussians(self, moments: "_Moments") -> None:
+        """``mean_`` (P, d) and ``precision_`` (P, d, d) from the moments, which are kept (packed, float32) for
+        teaching."""
+        cfg = self.config
+        self.mean_ = (moments.ref + moments.s1 / moments.n).float()  # (P, d)
         precision = []
         with single_thread():  # batches of small factorisations: threads only add synchronisation
-            for lo in range(0, len(s1), _POSITION_CHUNK):
+            for lo in range(0, len(moments.s1), _POSITION_CHUNK):
                 sl = slice(lo, lo + _POSITION_CHUNK)
-                cov = shrunk_covariance(n, s1[sl], s2[sl], s_aa[sl], s_ax[sl], s_a[sl])
+                cov = shrunk_covariance(moments.n, moments.s1[sl], moments.s2[sl], moments.s_aa[sl],
+                                        moments.s_ax[sl], moments.s_a[sl])
                 cov += cfg.eps * torch.eye(cov.shape[-1], dtype=cov.dtype)
                 precision.append(torch.cholesky_inverse(torch.linalg.cholesky(cov)).float())  # (chunk, d, d)
         self.precision_ = torch.cat(precision)  # (P, d, d)
+        self.moments_ = moments.packed()
 
     @torch.inference_mode()
     def _predict_batch(self, images):
@@ -170,7 +179,9 @@ class PaDiM(BackbonePatchFeatures, Detector):
         return scores, smooth_maps(patch, cfg.image_size, cfg.sigma, shapes)
 
     def _get_state(self):
-        return {"mean": self.mean_, "precision": self.precision_, "channels": self.channels_}, {"grid": list(self.grid_)}
+        tensors = {"mean": self.mean_, "precision": self.precision_, "channels": self.channels_}
+        tensors.update({f"moments.{k}": v for k, v in self.moments_.tensors().items()})
+        return tensors, {"grid": list(self.grid_), "moments_n": self.moments_.n}
 
     def _set_state(self, tensors, meta):
         self.mean_ = tensors["mean"].float()
@@ -179,3 +190,69 @@ class PaDiM(BackbonePatchFeatures, Detector):
         self.grid_ = tuple(meta["grid"])
         if self.precision_.shape[0] != self.grid_[0] * self.grid_[1]:
             raise ValueError(f"precision has {self.precision_.shape[0]} positions, grid {self.grid_} needs {self.grid_[0] * self.grid_[1]}")
+        moments = {k.removeprefix("moments."): v for k, v in tensors.items() if k.startswith("moments.")}
+        # absent from models saved before teaching
+        self.moments_ = _Moments.from_tensors(meta["moments_n"], moments, self.mean_.shape) if moments else None
+
+
+class _Moments:
+    """Sums over the references of the shifted features y = x - ref at each position, all that the Gaussians
+    need (``shrunk_covariance``): n, s1 = sum y (P, d), s2 = sum y y^T (P, d, d), s_aa = sum |y|^4 (P,),
+    s_ax = sum |y|^2 y (P, d), s_a = sum |y|^2 (P,). Accumulated in float64; kept between fits ``packed``: float32,
+    s2 as its upper triangle (P, d (d + 1) / 2)."""
+
+    NAMES = ("ref", "s1", "s2", "s_aa", "s_ax", "s_a")
+
+    def __init__(self, n: int, **sums: torch.Tensor):
+        self.n = n
+        for name in self.NAMES:
+            setattr(self, name, sums[name])
+
+    @classmethod
+    def zeros(cls, ref: torch.Tensor) -> "_Moments":
+        """No samples yet, shifted by ``ref`` (P, d) float64."""
+        p, d = ref.shape
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(0, ref=ref, s1=z(p, d), s2=z(p, d, d), s_aa=z(p), s_ax=z(p, d), s_a=z(p))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the features x (B, P, d) float64."""
+        with single_thread():  # one small product per position: threads only add synchronisation
+            y = x - self.ref  # (B, P, d)
+            a = (y * y).sum(2)  # (B, P)
+            self.n += y.shape[0]
+            self.s1 += y.sum(0)
+            yt = y.permute(1, 2, 0)  # (P, d, B)
+            self.s2 += torch.bmm(yt, yt.transpose(1, 2))  # (P, d, d)
+            self.s_aa += (a * a).sum(0)
+            self.s_ax += (a[:, :, None] * y).sum(0)
+            self.s_a += a.sum(0)
+
+    def packed(self) -> "_Moments":
+        iu = torch.triu_indices(self.s1.shape[1], self.s1.shape[1])
+        sums = {k: getattr(self, k).float() for k in self.NAMES}
+        return _Moments(self.n, **{**sums, "s2": self.s2[:, iu[0], iu[1]].float()})
+
+    def unpacked(self) -> "_Moments":
+        """A float64 copy, s2 whole (P, d, d): of a ``packed`` one."""
+        d = self.s1.shape[1]
+        iu = torch.triu_indices(d, d)
+        s2 = torch.zeros(len(self.s1), d, d, dtype=torch.float64)
+        s2[:, iu[0], iu[1]] = self.s2.double()
+        s2[:, iu[1], iu[0]] = self.s2.double()
+        return _Moments(self.n, **{k: getattr(self, k).double() for k in self.NAMES if k != "s2"}, s2=s2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.NAMES}
+
+    @classmethod
+    def from_tensors(cls, n: int, tensors: dict[str, torch.Tensor], mean_shape) -> "_Moments":
+        """The packed moments of a saved model, checked against its means (P, d)."""
+        p, d = mean_shape
+        shapes = {"ref": (p, d), "s1": (p, d), "s2": (p, d * (d + 1) // 2), "s_aa": (p,), "s_ax": (p, d), "s_a": (p,)}
+        if type(n) is not int or n < 1:
+            raise ValueError(f"moments_n must be an int >= 1, got {n!r}")
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"moments.{name} is {tuple(tensors[name].shape)}, the means need {shape}")
+        return cls(n, **{k: tensors[k].float() for k in cls.NAMES})

@@ -23,6 +23,9 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - predict: each batch is split over torch's threads, one part per thread (``workers``), with one torch thread
   each; the same results as one call, faster on a CPU (see ``_predict_batch``).
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
+- teaching (``add_references``): the new references' patches join the memory by the greedy k-center rule
+  continued from it (``continue_coreset``), as many as keep it ``coreset_ratio`` of every patch seen; the search
+  indexes take the new rows without a rebuild (``extended``) until the memory has doubled since they were built.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from clad.data.corruptions import jittered_copies
 from clad.data.io import load_batch
 from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
-from clad.ops.coreset import KCenterIndex, greedy_coreset, worker_pool
+from clad.ops.coreset import KCenterIndex, continue_coreset, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, patch_embeddings
 from clad.ops.gradcam import grad_cam
 from clad.ops.ivf import ProjectedIVF, one_blas_thread
@@ -150,6 +153,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
 
     Config = PatchCoreConfig
     score_is_map_max = from_config(lambda cfg: not cfg.reweight)  # Eq. 7 scales the largest patch score
+    can_add_references = True
 
     def _embed(self, arrays) -> torch.Tensor:
         """RGB arrays -> patch features (B, C, h, w)."""
@@ -201,16 +205,22 @@ class PatchCore(BackbonePatchFeatures, Detector):
             out += smooth_maps(cam.detach(), cfg.image_size, cfg.sigma, shapes)
         return out
 
-    def _fit(self, images) -> None:
+    def _patches(self, images, first: int = 0) -> torch.Tensor:
+        """The memory bank's patches of ``images``, references ``first``, ``first + 1``, ..., with their jittered
+        copies: (N, C)."""
         cfg = self.config
-        t0 = time.perf_counter()
         parts = []
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
-            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, start))
+            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, first + start))
             emb = self._embed(arrays)
             parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
-        bank = torch.cat(parts)  # (N, C)
+        return torch.cat(parts)
+
+    def _fit(self, images) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        bank = self._patches(images)  # (N, C)
         t1 = time.perf_counter()
         keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
         self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
@@ -228,6 +238,33 @@ class PatchCore(BackbonePatchFeatures, Detector):
             self._search_index()  # the approximate search's index, built here so the first predict call does not
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
         self.bank_size_ = len(bank)
+
+    def _add_references(self, arrays) -> None:
+        """The new references' patches join the memory by the greedy k-center rule continued from it
+        (``continue_coreset``): as many of them as make the memory ``coreset_ratio`` of all the patches seen, each
+        the patch farthest from the memory and those added before it. The search indexes take the new rows
+        (``extended``), or are built again once the memory has more than doubled since they were built."""
+        cfg = self.config
+        new = self._patches(arrays, self.n_references_)  # (K, C)
+        total = self.bank_size_ + len(new)
+        keep = continue_coreset(new, self.memory_bank_, coreset_size(total, cfg.coreset_ratio) - len(self.memory_bank_),
+                                cfg.projection_dim, cfg.seed)
+        rows = new[keep]
+        self.memory_bank_ = torch.cat([self.memory_bank_, rows]).contiguous()  # (M + k, C)
+        self.bank_size_ = total
+        grown = {name: index for name in ("index_", "probe_index_")
+                 if (index := getattr(self, name, None)) is not None and len(self.memory_bank_) <= 2 * index.built_size}
+        self.index_ = self.probe_index_ = None
+        for name, index in grown.items():
+            setattr(self, name, index.extended(rows))
+        left_out = torch.ones(len(new), dtype=torch.bool)
+        left_out[keep] = False
+        if self.index_ is None and int(left_out.sum()) >= KCenterIndex.decide_min:  # as at fit
+            gen = torch.Generator().manual_seed(cfg.seed)
+            sample = new[left_out][torch.randperm(int(left_out.sum()), generator=gen)[: KCenterIndex.decide_min]]
+            self._index().decide(sample)
+        if self._n_probe():
+            self._search_index()
 
     def _view_scores(self, views):
         """The scores of the threshold's views (``Detector.fit``), without keeping an index they built: the exact
@@ -334,8 +371,9 @@ class PatchCore(BackbonePatchFeatures, Detector):
         return 1.0 - torch.softmax(d, dim=1)[:, 0]
 
     def _get_state(self):
-        return {"memory_bank": self.memory_bank_}, {}
+        return {"memory_bank": self.memory_bank_}, {"bank_size": self.bank_size_}
 
     def _set_state(self, tensors, meta):
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
         self.index_ = self.probe_index_ = None
+        self.bank_size_ = meta.get("bank_size")  # patches seen, for teaching (absent before it)

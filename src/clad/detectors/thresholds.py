@@ -23,11 +23,17 @@ MIN_VIEWS, MAX_VIEWS = 8, 16  # normal views (and as many anomalous ones): one p
 _MEDIANS_APART = 2 * math.log(9)
 
 
+def resized(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, bilinear: the first step of every view (``jitter``), which leaves
+    an image of that size as it is."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 def jitter(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """A mild, label-preserving view of a reference, (size, size, 3) uint8: a shift of up to 3 % and a rotation of
     up to 3 degrees with the borders reflected (a black fill would read as a defect), brightness and contrast
     within 8 %."""
-    a = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    a = resized(image, size)
     dy, dx = np.round(rng.uniform(-0.03, 0.03, 2) * size).astype(int)
     angle = float(rng.uniform(-3, 3))
     pad = max(abs(dy), abs(dx)) + math.ceil(size * math.sin(math.radians(3))) + 1
@@ -48,6 +54,23 @@ def views(references: Sequence[np.ndarray], size: int, seed: int) -> tuple[list[
     normal = [jitter(r, rng, size) for r in ref]
     anomalous = [make_anomaly(jitter(r, rng, size), rng).image for r in ref]
     return normal, anomalous
+
+
+def keep_references(kept: list[np.ndarray], seen: int, new: Sequence[np.ndarray], size: int,
+                    seed: int) -> list[np.ndarray]:
+    """The references that a taught detector's views are drawn from: ``kept``, the sample of the ``seen``
+    references so far, updated with the ``new`` ones. A uniform sample of at most ``MAX_VIEWS`` of all the
+    references (reservoir sampling; the draw for the t-th is seeded by (seed, t), so the sample does not depend on
+    how the references were split between fit and teaching), each at the working size (``resized``). Up to
+    ``MAX_VIEWS`` references it holds them all, in order: then ``views`` of it are those of the references."""
+    kept = list(kept)
+    for t, image in enumerate(new, start=seen):
+        slot = t if t < MAX_VIEWS else int(np.random.default_rng([seed, t]).integers(t + 1))
+        if slot == len(kept):
+            kept.append(resized(image, size))
+        elif slot < MAX_VIEWS:
+            kept[slot] = resized(image, size)
+    return kept
 
 
 def cut(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:

@@ -9,6 +9,7 @@ the queries instead, one single-threaded search per thread.
 """
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -61,12 +62,15 @@ def random_projection(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(dim_in, dim_out, generator=gen) / math.sqrt(dim_out)
 
 
-def _kcenter_plain(z: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
-    """Textbook greedy k-center on a small set (n, D): one distance update over all points per centre."""
+def _kcenter_plain(z: torch.Tensor, n: int, start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Textbook greedy k-center on a small set (n, D): one distance update over all points per centre.
+
+    ``init`` (N,): squared distances to centres chosen before (``continue_coreset``); the first choice is then the
+    point farthest from them, not ``start``."""
     sq = (z * z).sum(1)
-    mind = torch.full((z.shape[0],), float("inf"))
+    mind = torch.full((z.shape[0],), float("inf")) if init is None else init.clone()
     sel = torch.empty(n, dtype=torch.long)
-    i = start
+    i = start if init is None else int(mind.argmax())
     for t in range(n):
         sel[t] = i
         c = z[i]
@@ -137,8 +141,49 @@ def greedy_coreset(
     return order[_kcenter_blocks(z[order].contiguous(), n, first, block_of, offsets, sizes, means, radii)]
 
 
-def _kcenter_blocks(z, n, start, block_of, offsets, sizes, means, radii, n_candidates: int = 4096) -> torch.Tensor:
-    """Greedy k-center over rows z (N, D) already sorted by block; returns positions in z (n,).
+@torch.inference_mode()
+def continue_coreset(
+    features: torch.Tensor,
+    centres: torch.Tensor,
+    n: int,
+    projection_dim: int | None = 128,
+    seed: int = 0,
+    n_blocks: int | None = None,
+) -> torch.Tensor:
+    """Indices of ``n`` rows of ``features`` (N, D) chosen by greedy k-center continued from ``centres`` (M, D),
+    the coreset chosen so far: each step adds the row farthest from the centres and the rows already added.
+
+    This is how a coreset grows when new points arrive (PatchCore's teaching): ``greedy_coreset`` run on the
+    centres and then on the new points, its choices among the new points only. Distances are taken in the
+    random projection of ``greedy_coreset`` with the same ``projection_dim`` and ``seed``. Returns a (n,) long
+    tensor in selection order (all rows, in order, when ``n`` >= N; ``greedy_coreset`` when there are no centres).
+    """
+    num = features.shape[0]
+    n = max(0, min(int(n), num))
+    if len(centres) == 0:
+        return greedy_coreset(features, n, projection_dim, seed, n_blocks)
+    if n == num:
+        return torch.arange(num)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    z, c = features.float(), centres.float()
+    if projection_dim is not None and projection_dim < z.shape[1]:
+        p = random_projection(z.shape[1], projection_dim, seed)
+        z, c = z @ p, c @ p  # (N, projection_dim), (M, projection_dim)
+    init = knn(z, c, k=1, indices=False)[0][:, 0].square()  # (N,) squared distance to the nearest centre
+    if num <= 4096:
+        with single_thread():
+            return _kcenter_plain(z.contiguous(), n, init=init)
+    gen = torch.Generator().manual_seed(seed)
+    order, block_of, offsets, sizes, means, radii = _blocks(z, n_blocks or int(4 * math.sqrt(num)), gen)
+    return order[_kcenter_blocks(z[order].contiguous(), n, None, block_of, offsets, sizes, means, radii,
+                                 init=init[order])]
+
+
+def _kcenter_blocks(z, n, start, block_of, offsets, sizes, means, radii, n_candidates: int = 4096,
+                    init: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-center over rows z (N, D) already sorted by block; returns positions in z (n,). With ``init``
+    (N,), the squared distances to centres chosen before, the choice continues from them (``start`` unused).
 
     The same choices as ``_kcenter_plain`` (up to float rounding), with the distance updates batched. Each round
     takes the ``n_candidates`` points farthest from the centres so far, with tau the next-largest distance. The
@@ -150,16 +195,22 @@ def _kcenter_blocks(z, n, start, block_of, offsets, sizes, means, radii, n_candi
     """
     num = z.shape[0]
     sq = (z * z).sum(1)
-    mind = torch.full((num,), float("inf"))  # squared distance of each point to its nearest centre
-    block_max = torch.full((len(sizes),), float("inf"))  # largest ``mind`` in each block
     bounds = offsets.tolist()
     sel = torch.empty(n, dtype=torch.long)
-    sel[0], t, new = start, 1, torch.tensor([start])
+    if init is None:
+        mind = torch.full((num,), float("inf"))  # squared distance of each point to its nearest centre
+        block_max = torch.full((len(sizes),), float("inf"))  # largest ``mind`` in each block
+        sel[0], t, new = start, 1, torch.tensor([start])
+    else:
+        mind = init.clone()
+        block_max = torch.zeros(len(sizes)).scatter_reduce_(0, block_of, mind, "amax", include_self=False)
+        t, new = 0, torch.zeros(0, dtype=torch.long)
     while True:
-        _lower_distances(z, sq, mind, block_max, block_of, bounds, means, radii, new)
-        mind[sel[:t]] = -1.0  # chosen points are never chosen again, even among exact duplicates
-        for b in block_of[new].unique().tolist():
-            block_max[b] = mind[bounds[b] : bounds[b + 1]].max()
+        if len(new):
+            _lower_distances(z, sq, mind, block_max, block_of, bounds, means, radii, new)
+            mind[sel[:t]] = -1.0  # chosen points are never chosen again, even among exact duplicates
+            for b in block_of[new].unique().tolist():
+                block_max[b] = mind[bounds[b] : bounds[b + 1]].max()
         if t == n:
             return sel
         k = min(n_candidates, num - t)
@@ -241,6 +292,7 @@ class KCenterIndex:
         self._deciding = threading.Lock()
         bank = bank.float().contiguous()
         m = bank.shape[0]
+        self.built_size = m  # rows clustered at build; ``extended`` adds rows to these clusters
         # sqrt(M) balances the query-to-means product against the rows searched (it beat 2 sqrt(M) for both
         # searches; benchmarks/README.md).
         n_clusters = min(m, n_clusters or max(1, round(math.sqrt(m))))
@@ -319,6 +371,34 @@ class KCenterIndex:
         """
         self._decide(sample, workers, False)
         return self.search
+
+    def extended(self, rows: torch.Tensor) -> "KCenterIndex":
+        """A new index of this bank with ``rows`` (K, D) appended (bank rows M .. M + K - 1); this one is unchanged.
+
+        Each new row joins the cluster of the closest mean, whose radius grows to cover it. The means stay where
+        they are, so every bound still holds and results stay exact; only the clusters grow less compact, so
+        rebuild instead once the bank has grown well past ``built_size``. The search decision is kept.
+        """
+        rows = rows.detach().float().cpu()
+        new = copy.copy(self)
+        new._deciding = threading.Lock()
+        m, k = len(self.order), len(rows)
+        if k == 0:
+            return new
+        cluster = row_min(torch.addmm(self.means_sq, rows, self.means.T, alpha=-2.0))[1]  # (K,) closest mean
+        sizes = torch.tensor(self.offsets).diff()
+        old_cluster = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # (M,) of each sorted row
+        every = torch.cat([old_cluster, cluster])
+        order = torch.argsort(every, stable=True)  # old rows keep their places within each cluster, new ones last
+        new.order = torch.cat([self.order, torch.arange(m, m + k)])[order]
+        new.bank = torch.cat([self.bank, rows])[order].contiguous()
+        new.bank_sq = torch.cat([self.bank_sq, (rows * rows).sum(1)])[order]
+        sizes = torch.bincount(every, minlength=len(sizes))
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        new.offsets, new.starts = starts.tolist(), starts[:-1]
+        reach = (rows - self.means[cluster]).norm(dim=1)
+        new.radii = self.radii.clone().scatter_reduce_(0, cluster, reach, "amax")
+        return new
 
     def _decide(self, query: torch.Tensor, workers: int | None, indices: bool) -> tuple:
         """The exact search of ``query`` by both methods; the faster becomes ``search``. Returns the result."""

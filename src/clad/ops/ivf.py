@@ -10,6 +10,7 @@ on the AMD CPU of one of our 2-core machines (benchmarks/README.md, "Session 10"
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -58,6 +59,7 @@ class ProjectedIVF:
         n_clusters = n_clusters or max(1, round(math.sqrt(m) / 2))
         clusters = KCenterIndex(torch.addmm(shift, bank, basis), n_clusters=n_clusters, refine=refine)
         self.dim = dim
+        self.built_size = m  # rows clustered at build; ``extended`` adds rows to these clusters
         self.rows = clusters.order.numpy()  # cluster-sorted position -> bank row
         self.basis, self.shift = basis.numpy(), shift.numpy()
         # the projection with a column of ones after it: q @ basis_aug + shift_aug = [z, 1]
@@ -155,6 +157,38 @@ class ProjectedIVF:
                     dist[i], rows[i] = d2[k] + q_sq[i], cand[k]
         dist = torch.from_numpy(np.sqrt(np.maximum(dist, 0.0)))
         return dist, torch.from_numpy(self.rows[rows]) if indices else None
+
+    def extended(self, rows: torch.Tensor) -> "ProjectedIVF":
+        """A new index of this bank with ``rows`` (K, D) appended (bank rows M .. M + K - 1); this one is unchanged.
+
+        The new rows are projected on the same axes and each joins the cluster of the closest mean. The lower
+        bounds of ``exact`` hold for any axes, so it stays exact; the approximate search grows less precise as
+        the axes and clusters fit the bank less well, so rebuild instead once the bank has grown well past
+        ``built_size``.
+        """
+        x = rows.detach().float().cpu().contiguous().numpy()
+        new = copy.copy(self)
+        m, k = len(self.rows), len(x)
+        if k == 0:
+            return new
+        z = x @ self.basis
+        z += self.shift  # (K, dim)
+        z_aug = np.hstack([z, np.ones((k, 1), np.float32)])
+        cluster = (z_aug @ self.means_aug).argmin(1)  # (K,) closest mean
+        sizes = np.diff(self.offsets)
+        every = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), cluster])
+        order = np.argsort(every, kind="stable")  # old rows keep their places within each cluster, new ones last
+        new.rows = np.concatenate([self.rows, np.arange(m, m + k)])[order]
+        new.proj_t = np.ascontiguousarray(np.hstack([self.proj_t, z.T])[:, order])
+        new.proj_sq = np.concatenate([self.proj_sq, np.einsum("ij,ij->i", z, z)])[order]
+        new.proj_aug = np.ascontiguousarray(np.vstack([-2.0 * new.proj_t, new.proj_sq[None]]))
+        new.full = np.ascontiguousarray(np.vstack([self.full, x])[order])
+        new.full_sq = np.concatenate([self.full_sq, np.einsum("ij,ij->i", x, x)])[order]
+        new.offsets = np.concatenate([[0], np.cumsum(np.bincount(every, minlength=len(sizes)))])
+        resid = self._residual(x, z)
+        new.resid = np.concatenate([self.resid, resid])[order]
+        new.spread = max(self.spread, float(np.max(np.einsum("ij,ij->i", z, z) + resid**2)))
+        return new
 
     def _distances(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """|b|^2 - 2 q.b for the rows ``cand`` (cluster-sorted positions) of one query q (D,)."""

@@ -21,7 +21,8 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
   references' patches; anomaly score 1 - S, per patch for the map and for the image embedding.
 - CLAD+ (``memory=True``): the language map is fused with a few-shot patch memory of the references' frozen
   features (nearest-neighbour distance, as PatchCore / WinCLIP+ do): each map is divided by its 99th percentile on
-  held-out augmented normal views of the references, then averaged with weight ``memory_weight``.
+  held-out augmented normal views of the references, then averaged with weight ``memory_weight``. Teaching
+  (``add_references``) grows the memory as PatchCore's and sets its scale again; the language half stays.
 """
 from clad.detectors.clad.calibration import memory_size
 from clad.detectors.clad.config import CLADConfig, CLADPlusConfig

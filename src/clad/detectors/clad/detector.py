@@ -20,7 +20,8 @@ from clad.detectors.clad import calibration
 from clad.detectors.clad.config import CLADConfig, CLADPlusConfig
 from clad.detectors.clad.model import CLADModel
 from clad.detectors.clad.training import train
-from clad.ops.coreset import KCenterIndex
+from clad.detectors.thresholds import keep_references
+from clad.ops.coreset import KCenterIndex, continue_coreset, greedy_coreset
 from clad.ops.gradcam import grad_cam
 from clad.ops.knn import knn
 from clad.ops.smoothing import smooth_maps, smooth_working
@@ -37,6 +38,7 @@ class CLAD(BackbonePatchFeatures, Detector):
     family = "clad"
     inference_params = ("memory", "memory_weight", "image_score", "localization", "map_sigma")
     score_is_map_max = from_config(lambda cfg: cfg.image_score == "max")
+    can_add_references = from_config(lambda cfg: cfg.memory)  # the memory learns; the language half stays
     # Memories up to this size are searched by brute force. Larger ones by the exact KCenterIndex, which on its
     # first search of test images times its pruning against brute force and keeps the faster: both give the same
     # distances, but pruning pays on object patches and not on fine texture (benchmarks/README.md, "The memory
@@ -72,6 +74,40 @@ class CLAD(BackbonePatchFeatures, Detector):
         with self._brute_search():
             lang, mem, _ = self._maps(m.backbone.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_, self.scale_mem_ = calibration.scale(lang), calibration.scale(mem)
+
+    @torch.no_grad()
+    def _add_references(self, arrays) -> None:
+        """CLAD+'s memory half learns the new references; the language half (heads, text embeddings, sigma and
+        its scale) stays as trained. The new patches join the memory by the greedy k-center rule continued from it
+        (``continue_coreset``), as many as ``memory_size`` of all the patches seen allows; at ``memory_max`` the
+        memory is chosen again, by the same rule, among its rows and the new patches. The memory map's scale is
+        then set again from fresh views of the references (a sample of them: ``references_``)."""
+        cfg, m = self.config, self.model_
+        parts = []
+        for start in range(0, len(arrays), cfg.batch_size):
+            h1, h2 = m.stage_features(m.backbone.preprocess(arrays[start : start + cfg.batch_size], cfg.image_size),
+                                      tuned=True)
+            feat = m.combine(h1, m.frozen_last(h1, h2))  # (B, C, h, w)
+            parts.append(feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]))
+        new, bank = torch.cat(parts), self.memory_bank_  # (K, C), (M, C)
+        seen = self.n_references_ * (len(new) // len(arrays))  # the references' patches so far
+        size = calibration.memory_size(seen + len(new), cfg.memory_ratio, cfg.memory_min, cfg.memory_max)
+        if size > len(bank):
+            rows = new[continue_coreset(new, bank, size - len(bank), seed=cfg.seed)]
+            self.memory_bank_ = torch.cat([bank, rows]).contiguous()
+            index = getattr(self, "index_", None)
+            grows = index is not None and len(self.memory_bank_) <= 2 * index.built_size
+            self.index_ = index.extended(rows) if grows else None
+        else:  # at memory_max
+            pool = torch.cat([bank, new])
+            self.memory_bank_ = pool[greedy_coreset(pool, size, seed=cfg.seed)].contiguous()
+            self.index_ = None
+        refs = keep_references(list(self.references_.numpy()), self.n_references_, arrays, cfg.image_size, cfg.seed)
+        views = calibration.views(refs, np.random.default_rng([cfg.seed, self.n_references_ + len(arrays)]),
+                                  cfg.image_size)
+        with self._brute_search():
+            _, mem, _ = self._maps(m.backbone.preprocess(views, cfg.image_size), need_memory=True)
+        self.scale_mem_ = calibration.scale(mem)
 
     def _view_scores(self, views) -> np.ndarray:
         with self._brute_search():  # views of the references lie on the memory: no search decision from them
