@@ -4,8 +4,9 @@
     python benchmarks/fuzz.py --target image --seconds 60
 
 Targets:
-- ``image``: the bytes are written to a file and read by ``clad.data.io.load_image`` and ``load_mask``; they
-  must return (H, W, 3) uint8 and (H, W) bool, or raise a ``CladError``.
+- ``image``: the bytes are decoded by ``clad.data.io.decode_image`` (the station's uploads), then written to a
+  file and read by ``load_image`` and ``load_mask``; they must return (H, W, 3) uint8 and (H, W) bool, or raise a
+  ``CladError``.
 - ``model``: tiny saved models (patch_knn, padim, spade on ``tiny_cnn``, 32 px) with one file mutated: the first
   byte picks the model and what is mutated (``config.json``, seeded as saved and as format 1; ``model.safetensors``;
   or ``model.safetensors`` with its sha256 in ``config.json`` updated to match, so the mutation reaches the
@@ -93,7 +94,12 @@ class ImageTarget(Target):
 
     def run(self, data: bytes) -> None:
         from clad.data.io import load_image, load_mask
+        from clad.errors import CladError
 
+        try:  # the upload decoder of the station (only its formats), then the file decoder
+            self.run_upload(data)
+        except CladError:
+            pass
         path = self.work / "input.png"
         path.write_bytes(data)
         a = load_image(path)
@@ -102,6 +108,13 @@ class ImageTarget(Target):
         m = load_mask(path)
         if m.dtype != bool or m.shape != a.shape[:2]:
             raise AssertionError(f"load_mask returned {m.dtype} {m.shape} for an image of {a.shape}")
+
+    def run_upload(self, data: bytes) -> None:
+        from clad.data.io import decode_image
+
+        a, _ = decode_image(data)
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or 0 in a.shape:
+            raise AssertionError(f"decode_image returned {a.dtype} {a.shape}")
 
 
 class ModelTarget(Target):
