@@ -232,7 +232,8 @@ def test_format_1_model_still_loads_with_a_warning(saved):
     ("patchcore", {"layers": ["stage2", 3]}, "parameter 'layers'"),
     ("patchcore", {"embed_dim": 0}, "parameter 'embed_dim' must be >= 1"),
     ("patchcore", {"reweight_neighbours": 1}, "parameter 'reweight_neighbours' must be >= 2"),
-    ("padim", {"eps": 0}, r"parameter 'eps' must be > 0"),
+    ("padim", {"eps": 0}, r"parameter 'eps' must be >= 1e-06"),
+    ("padim", {"eps": 5e-324}, r"parameter 'eps' must be >= 1e-06"),  # accepted once, then the fit crashed
     ("padim", {"image_size": 4}, "parameter 'image_size' must be >= 8"),
     ("patch_knn", {"max_bank": 2.5}, "parameter 'max_bank' must be int"),
 ])

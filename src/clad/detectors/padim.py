@@ -47,7 +47,7 @@ class PaDiMConfig:
     image_size: int = bounded(256, "[8, inf)")
     n_features: int = bounded(100, "[1, inf)")  # random channel subset (capped at the number of channels)
     # added to the covariance diagonal (the paper's 0.01 is too small for these features)
-    eps: float = bounded(1.0, "(0, inf)")
+    eps: float = bounded(1.0, "[1e-06, inf)")  # smaller is lost to float32 rounding beside the features
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
     # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
     reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
