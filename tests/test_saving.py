@@ -332,7 +332,7 @@ def _as_format_1(saved) -> dict:
 
 def test_format_1_model_that_fails_with_its_params_is_refused_at_load(saved):
     doc = _as_format_1(saved)
-    doc["params"]["layers"] = ["stage0"]  # not a layer of the backbone: predict would raise a bare ValueError
+    doc["params"]["layers"] = ["stage3"]  # other channels than the memory's: predict would raise a bare error
     (saved / "config.json").write_text(json.dumps(doc))
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="format-1 model does not work with its params"):
         clad.load_detector(saved)
@@ -348,3 +348,23 @@ def test_save_into_dot(saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "m")  # the fixture's model folder, saved into again by its relative name "."
     clad.load_detector(".").set_threshold(1.5).save(".")
     assert clad.load_detector(tmp_path / "m").threshold_ == 1.5
+
+
+def test_a_layer_the_backbone_lacks_is_one_error_naming_the_file(saved):
+    """Found by the model fuzzer: a config naming a layer its backbone lacks, with fit_sha256 made to match (a
+    deliberate edit), raised a ValueError from the forward."""
+    from clad.detectors.base import _fit_digest
+
+    doc = json.loads((saved / "config.json").read_text())
+    doc["params"]["layers"] = ["stage2", "nope"]
+    doc["fit_sha256"] = _fit_digest(doc["params"], doc["meta"])
+    (saved / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"config.json: detector 'patch_knn': layer\(s\) \['nope'\] not in backbone"):
+        clad.load_detector(saved)
+
+
+def test_a_layer_the_backbone_lacks_is_one_error_at_fit():
+    det = clad.create_detector("padim", backbone="tiny_cnn", image_size=32, grid_layer="stage9",
+                               layers=["stage1", "stage9"])
+    with pytest.raises(ConfigError, match=r"layer\(s\) \['stage9'\] not in backbone 'tiny_cnn'"):
+        det.fit([texture((32, 32), 0)])

@@ -332,7 +332,9 @@ class Detector:
             # Built outside inference mode even when first needed inside it (a loaded model's predict): its
             # weights must stay ordinary tensors, which later training and the fused inference path rely on.
             with torch.inference_mode(False):
-                self.backbone_ = create_backbone(self.config.backbone)
+                backbone = create_backbone(self.config.backbone)
+            _check_layers(self, backbone)
+            self.backbone_ = backbone
         return self.backbone_
 
     def _after_adopt(self) -> None:
@@ -496,6 +498,11 @@ def load_detector(directory: str | Path) -> Detector:
     det.threshold_source_ = doc.get("threshold_source")
     det.threshold_scale_ = None if doc.get("threshold_scale") is None else float(doc["threshold_scale"])
     det.fitted_ = True
+    if getattr(det.config, "layers", None) or getattr(det.config, "grid_layer", None):
+        try:  # the layers it names must be its backbone's (a hand-edited config may name others)
+            det._backbone()
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from e
     if not verified:
         _probe(det, cfg_path)
     return det
@@ -511,6 +518,17 @@ def _teaching_state(references: torch.Tensor, teaching: Any) -> tuple[torch.Tens
         raise ValueError(f"{TEACHING_META}.n_references must be an int >= the {len(references)} references kept, "
                          f"got {n!r}")
     return references, n
+
+
+def _check_layers(det: Detector, backbone) -> None:
+    """The layers a detector's config names (``layers``, ``grid_layer``) must be its backbone's: a ConfigError
+    naming them and the backbone's own, not a ValueError deep in the forward."""
+    have = [f.name for f in backbone.feature_info]
+    named = list(getattr(det.config, "layers", None) or ()) + [getattr(det.config, "grid_layer", None)]
+    bad = list(dict.fromkeys(n for n in named if n is not None and n not in have))
+    if bad:
+        raise ConfigError(f"detector {det.name!r}: layer(s) {bad} not in backbone {det.config.backbone!r} "
+                          f"(its layers: {', '.join(have)})")
 
 
 def _probe(det: Detector, cfg_path: Path) -> None:
