@@ -9,8 +9,8 @@ the next normal images of the same seeded order (only train/good images, which t
 beside a detector fitted from scratch on the same references (the seed's 5-, 17- and 65-shot draws: a larger draw
 holds every smaller one, so these are the same images); the seconds of the teach (the ``add_references`` call,
 its threshold included; that step is then timed again alone) and of the fit from scratch (``fit``, its threshold
-included), and the memory's rows where the detector has one. Metrics as ``clad eval`` computes them (``clad.evaluate.evaluate``; pixel metrics at a
-longer side of 256). Prints a Markdown table, one row per step, then the seconds of teaching one more image.
+included), and the memory's rows where the detector has one. Metrics as ``clad eval`` computes them
+(``clad.evaluate.evaluate``; pixel metrics at a longer side of 256). Prints a Markdown table, one row per step, then the seconds of teaching one more image.
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def run(name: str, args, refs: list, ref_paths: list[str], test) -> str:
     first_fit = time.perf_counter() - t0
     start = evaluate(make(), open_dataset(args.data, args.category, "train", n_shots=1, seed=args.seed), test,
                      progress=False, fitted_from=taught)
-    print(f"| {name} | 1 | - | {_pct(start['image_auroc'])} | {_pct(start['pixel_auroc'])} | - | - | - | {first_fit:.1f} "
-          f"| {rows(taught)} |", flush=True)
+    print(f"| {name} | 1 | - | {_pct(start['image_auroc'])} | {_pct(start['pixel_auroc'])} | - | - | - "
+          f"| {first_fit:.1f} | {rows(taught)} |", flush=True)
     done = 0
     for total in STEPS:
         t0 = time.perf_counter()
@@ -99,7 +99,8 @@ def run(name: str, args, refs: list, ref_paths: list[str], test) -> str:
         print(f"| {name} | {1 + total} | {total} ({total - done}) "
               f"| {_pct(r_taught['image_auroc'])} / {_pct(r_scratch['image_auroc'])} "
               f"| {_pct(r_taught['pixel_auroc'])} / {_pct(r_scratch['pixel_auroc'])} | {di:+.1f} / {dp:+.1f} "
-              f"| {teach_s:.1f} | {threshold_s:.1f} | {r_scratch['fit_seconds']:.1f} | {rows(taught)} / {rows(scratch)} |", flush=True)
+              f"| {teach_s:.1f} | {threshold_s:.1f} | {r_scratch['fit_seconds']:.1f} "
+              f"| {rows(taught)} / {rows(scratch)} |", flush=True)
         done = total
     extra = train_image(args, len(refs))  # one more normal image, not among the references
     t0 = time.perf_counter()

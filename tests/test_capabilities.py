@@ -24,7 +24,8 @@ EXPLAIN = Path(clad.__file__).parent / "explain"
 def test_builtin_declarations():
     cls = clad.registry.detector_class
     assert [n for n in clad.list_detectors() if cls(n).score_is_map_max] == ["clad_plus", "padim", "patch_knn", "patchcore"]
-    assert [n for n in clad.list_detectors() if cls(n).can_add_references] == ["clad_plus", "padim", "patch_knn", "patchcore"]
+    teachable = [n for n in clad.list_detectors() if cls(n).can_add_references]
+    assert teachable == ["clad_plus", "padim", "patch_knn", "patchcore"]
     assert clad.create_detector("clad", memory=True).can_add_references  # CLAD+'s memory is what learns
     # settings that change the answer: CLAD's image score, PatchCore's re-weighting (Eq. 7)
     assert clad.create_detector("clad", image_score="max").score_is_map_max

@@ -30,7 +30,8 @@ B = [texture((64, 64), s) for s in range(10, 14)]
 def _tests() -> tuple[list[np.ndarray], np.ndarray]:
     """Normal images and images with a planted square, and their labels."""
     normal = [texture((64, 64), s) for s in (50, 51, 52, 53)]
-    odd = [plant_square(texture((64, 64), s), 8 + 5 * i, 30 - 6 * i, 6, value=200)[0] for i, s in enumerate((60, 61, 62))]
+    odd = [plant_square(texture((64, 64), s), 8 + 5 * i, 30 - 6 * i, 6, value=200)[0]
+           for i, s in enumerate((60, 61, 62))]
     return normal + odd, np.r_[np.zeros(len(normal)), np.ones(len(odd))]
 
 
