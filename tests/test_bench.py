@@ -384,6 +384,7 @@ def test_corruptions_reuse_one_fit_keep_clean_keys_and_add_a_robustness_table(sy
     assert set(row["drop"]) == {"gaussian_noise", "rotate", "severity 2", "severity 3", "mean"}
     report = (out / "report.md").read_text()
     assert "## Robustness" in report and "| gaussian_noise | rotate | mean |" in report
+    assert "Runs: 3 ok, 0 failed, 0 not run, of 3 planned" in report  # the corrupted runs are counted
     assert bench.report_from_results(out) == report
     assert main(["bench", "--data", f"mvtec:{synth}", "--detectors", KNN, "--out", str(out), "--corruptions", "fog"]) == 2
     assert "clad: error: --corruptions: unknown corruption 'fog'" in capsys.readouterr().err

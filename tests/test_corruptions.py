@@ -119,3 +119,22 @@ def test_jittered_copies_are_seeded_and_join_patchcore_memory(image_and_mask):
     plain = create_detector("patchcore", backbone="tiny_cnn", image_size=32).fit(images)
     jittered = create_detector("patchcore", backbone="tiny_cnn", image_size=32, reference_jitter=2).fit(images)
     assert jittered.bank_size_ == 3 * plain.bank_size_
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_median_baseline_moves_each_image_by_one_constant(image_and_mask, name):
+    """median_baseline subtracts one number per image (its median patch distance) from the map and the score:
+    the ranking of the patches inside an image is unchanged, and an image's map and score move alike."""
+    from clad.registry import create_detector
+
+    rng = np.random.default_rng(1)
+    refs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    tests = [image_and_mask[0], rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)]
+    det = create_detector(name, backbone="tiny_cnn", image_size=32, sigma=0.0).fit(refs)
+    plain = det.predict(tests)
+    det.config.median_baseline = True
+    moved = det.predict(tests)
+    for i in range(len(tests)):
+        shift = plain.anomaly_maps[i] - moved.anomaly_maps[i]  # (H, W), one value everywhere
+        assert shift.max() - shift.min() < 1e-4 and shift.mean() > 0
+        assert moved.scores[i] == pytest.approx(plain.scores[i] - shift.mean(), abs=1e-4)

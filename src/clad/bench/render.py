@@ -95,7 +95,7 @@ def render_report(records: Sequence[dict], settings: dict, env: dict, det_specs:
     raw = tables.pop("_raw")
     failed = [r for r in records if r.get("status") != "ok"]
     datasets = list(dict.fromkeys(r["settings"]["dataset"] for r in records))
-    md = _head(records, settings, env, n_planned, interrupted)
+    md = _head(all_records, settings, env, n_planned, interrupted)  # the run counts: corrupted runs too
     md += _table1(tables, raw, datasets)
     md += _table2(tables, raw, det_specs)
     md += _table3()

@@ -84,6 +84,10 @@ class PatchCoreConfig:
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
     # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
     reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
+    # score each patch by its distance minus the median of its image's, so that a change of the whole image
+    # (noise, blur, lighting) that moves every score alike moves none. Measured worse (benchmarks/README.md,
+    # "Corruption robustness"): clean AUROC falls on magnetic tile and the drop grows on bottle; kept off.
+    median_baseline: bool = field(default=False, metadata={"omit_from_key_when": {"median_baseline": False}})
     batch_size: int = bounded(16, "[1, inf)")  # images per backbone call during fit
     seed: int = 0
 
@@ -336,6 +340,8 @@ class PatchCore(BackbonePatchFeatures, Detector):
         flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, c)
         # The nearest rows themselves are needed only by the re-weighting; distances alone are cheaper.
         patch, nearest = self._search(flat, indices=self.config.reweight)
+        if self.config.median_baseline:
+            patch = patch - patch.median(1, keepdim=True).values  # (B, P)
         scores, where = patch.max(1)  # s* and the position of m_test
         if self.config.reweight:
             rows = torch.arange(b)
