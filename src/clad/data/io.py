@@ -109,13 +109,17 @@ def load_image(path: str | Path) -> np.ndarray:
     Raises ImageLoadError naming the file when it is missing, empty, truncated, corrupt or too large.
     """
     path = Path(path)
-    img = _open(path)
+    return _checked_rgb(_open(path), path)
+
+
+def _checked_rgb(img: Image.Image, name) -> np.ndarray:
+    """An opened image as (H, W, 3) uint8 RGB, or an ImageLoadError naming ``name``."""
     try:
         arr = _to_rgb(img)
     except Exception as e:
-        raise ImageLoadError(f"{path}: cannot convert image mode {img.mode!r} to RGB ({e})") from e
+        raise ImageLoadError(f"{name}: cannot convert image mode {img.mode!r} to RGB ({e})") from e
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageLoadError(f"{path}: image has zero size")
+        raise ImageLoadError(f"{name}: image has zero size")
     return arr
 
 
@@ -126,13 +130,7 @@ def decode_image(data: bytes, name: str = "upload") -> tuple[np.ndarray, str]:
     if not data:
         raise ImageLoadError(f"{name}: empty file")
     img = _decode(io.BytesIO(data), name, UPLOAD_FORMATS)
-    try:
-        arr = _to_rgb(img)
-    except Exception as e:
-        raise ImageLoadError(f"{name}: cannot convert image mode {img.mode!r} to RGB ({e})") from e
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageLoadError(f"{name}: image has zero size")
-    return arr, img.format
+    return _checked_rgb(img, name), img.format
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
