@@ -1,0 +1,219 @@
+"""Each exportable detector's prediction as one torch module of a fixed-size input, for the ONNX exporter.
+
+The module computes what the detector's ``_predict_batch`` computes, from the resized pixels on:
+
+- input ``images``: uint8 (B, 3, S, S), RGB, S the detector's ``image_size``, resized as clad resizes
+  (``clad.backbones.base.resized``: bilinear with antialiasing); the normalisation of ``Backbone.preprocess``
+  (x * scale + shift) is the graph's first step;
+- outputs ``scores`` (B,): the image scores; ``maps`` (B, S, S): the anomaly maps at the working size, upsampled and
+  Gaussian-smoothed as the detector does; ``patch_maps`` (B, h, w): the same maps on the feature grid, before that.
+
+The resize of a map to its image's own resolution depends on the image's size, which a fixed-size input no longer
+carries: it stays outside the graph (``clad.ops.smoothing.smooth_maps`` on ``patch_maps``, as every detector does).
+
+Nearest-neighbour distances are exact, as a matrix product and a minimum, sqrt(max(|q|^2 - 2 q.m + |m|^2, 0)) as
+``clad.ops.knn.knn`` computes them, over the whole memory (an initializer): the graph has no pruned or
+approximate search, so a PatchCore with ``n_probe`` > 0 exports its exact search.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clad.ops.features import aggregate
+from clad.ops.smoothing import _axis_operator
+
+# Memory rows searched per matrix product, times the patches of one image: 2 M distances (8 MB) per image, so that
+# a batch's block of distances stays small whatever the memory's size.
+BLOCK_DISTANCES = 1 << 21
+
+
+def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_in, n_out): ``x @ pool_matrix`` is ``F.adaptive_avg_pool1d`` of x's last axis to ``n_out``."""
+    return F.adaptive_avg_pool1d(torch.eye(n_in, dtype=torch.float64)[:, None, :], n_out)[:, 0, :]
+
+
+class NearestDistance(nn.Module):
+    """Exact Euclidean distance of each query to its nearest memory row, in blocks of ``block`` memory rows.
+
+    forward: (B, P, C) -> (distance (B, P), row (B, P) or None): the row only with ``indices``.
+    """
+
+    def __init__(self, bank: torch.Tensor, block: int, indices: bool = False):
+        super().__init__()
+        self.n_blocks, self.block, self.indices = 0, block, indices
+        bank = bank.float()
+        for lo in range(0, len(bank), block):
+            part = bank[lo : lo + block]
+            self.register_buffer(f"bank_t{self.n_blocks}", part.T.contiguous())  # (C, block)
+            self.register_buffer(f"bank_sq{self.n_blocks}", (part * part).sum(1))  # (block,)
+            self.n_blocks += 1
+
+    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        best, rows = None, None
+        for k in range(self.n_blocks):
+            # |m|^2 - 2 q.m: the squared distance less |q|^2, the same along a row, added to the minimum only
+            d2 = torch.matmul(q, getattr(self, f"bank_t{k}")) * -2.0 + getattr(self, f"bank_sq{k}")  # (B, P, block)
+            if self.indices:
+                d, i = d2.min(-1)
+                if best is None:
+                    best, rows = d, i
+                else:
+                    better = d < best  # on a tie the earlier row stays, as in knn
+                    best, rows = torch.where(better, d, best), torch.where(better, i + k * self.block, rows)
+            else:
+                d = d2.amin(-1)
+                best = d if best is None else torch.minimum(best, d)
+        return (best + (q * q).sum(-1)).clamp_min(0).sqrt(), rows
+
+
+class Graph(nn.Module):
+    """What every graph shares: the input's normalisation and the map's smoothing at the working size."""
+
+    def __init__(self, backbone, image_size: int, sigma: float, grid: tuple[int, int]):
+        super().__init__()
+        self.backbone, self.image_size, self.grid = backbone, image_size, tuple(grid)
+        scale, shift = backbone.normalization()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+        # upsampling to S x S and Gaussian blur, folded into one matrix per axis (``smooth_working``)
+        h, w = self.grid
+        self.register_buffer("smooth_h", _axis_operator(h, image_size, float(sigma), image_size))  # (S, h)
+        self.register_buffer("smooth_w_t", _axis_operator(w, image_size, float(sigma), image_size).T.contiguous())
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale + self.shift  # (B, 3, S, S)
+
+    def smooth(self, patch: torch.Tensor) -> torch.Tensor:
+        return self.smooth_h @ patch @ self.smooth_w_t  # (B, h, w) -> (B, S, S)
+
+    def outputs(self, scores, patch):
+        return scores, self.smooth(patch), patch
+
+
+class PatchCoreGraph(Graph):
+    """PatchCore and PatchKNN: locally aggregated patch features, nearest memory row, image score = largest patch
+    distance (PatchCore's Eq. 7 re-weighting when configured)."""
+
+    def __init__(self, det, block_distances: int = BLOCK_DISTANCES):
+        cfg, bb = det.config, det._backbone()
+        layers = tuple(cfg.layers)
+        with torch.no_grad():
+            probe = bb(torch.zeros(1, 3, cfg.image_size, cfg.image_size), [layers[0]])[layers[0]]
+        super().__init__(bb, cfg.image_size, cfg.sigma, probe.shape[-2:])
+        self.layers, self.neighbourhood = layers, getattr(cfg, "neighbourhood", 3)
+        embed_dim = getattr(cfg, "embed_dim", None)
+        pool = None
+        if embed_dim is not None:  # PatchCore's channel pooling (``_project``) as one matrix
+            per_layer = torch.block_diag(*(pool_matrix(bb.info(n).channels, embed_dim) for n in self.layers))
+            pool = (per_layer @ pool_matrix(per_layer.shape[1], embed_dim)).float()
+        self.register_buffer("pool", pool)  # None: all channels kept
+        self.reweight = bool(getattr(cfg, "reweight", False))
+        self.neighbours = min(getattr(cfg, "reweight_neighbours", 1), len(det.memory_bank_))
+        if self.reweight:
+            self.register_buffer("bank", det.memory_bank_.float().contiguous())
+        h, w = self.grid
+        self.search = NearestDistance(det.memory_bank_, max(1, block_distances // (h * w)), indices=self.reweight)
+
+    def forward(self, images):
+        h, w = self.grid
+        emb = aggregate(self.backbone(self.normalize(images), self.layers), self.layers, self.neighbourhood)
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, h * w, emb.shape[1])  # (B, P, C)
+        if self.pool is not None:
+            flat = flat @ self.pool  # (B, P, D)
+        dist, nearest = self.search(flat)  # (B, P)
+        scores, where = dist.max(1)
+        if self.reweight and self.neighbours >= 2:
+            scores = scores * self._reweight(flat, nearest, where)
+        return self.outputs(scores, dist.reshape(-1, h, w))
+
+    def _reweight(self, flat, nearest, where):
+        """PatchCore's Eq. 7, as ``PatchCore._reweight``: (B,) weights."""
+        m_test = flat.gather(1, where[:, None, None].expand(-1, 1, flat.shape[2]))[:, 0]  # (B, C)
+        m_star = nearest.gather(1, where[:, None])[:, 0]  # (B,)
+        star = self.bank.index_select(0, m_star)  # (B, C)
+        d2 = (self.bank * self.bank).sum(1) - 2.0 * star @ self.bank.T  # (B, M), less |m*|^2
+        support = d2.topk(self.neighbours, dim=1, largest=False).indices  # N_b(m*)
+        support = torch.cat([m_star[:, None], support[:, 1:]], 1)  # m* itself first
+        near = self.bank.index_select(0, support.reshape(-1)).reshape(-1, self.neighbours, flat.shape[2])
+        d = (m_test[:, None] - near).norm(dim=-1)  # (B, b)
+        return 1.0 - torch.softmax(d, dim=1)[:, 0]
+
+
+class PaDiMGraph(Graph):
+    """PaDiM: Mahalanobis distance of each grid position to its Gaussian; image score = the smoothed map's maximum."""
+
+    def __init__(self, det):
+        cfg, bb = det.config, det._backbone()
+        super().__init__(bb, cfg.image_size, cfg.sigma, det.grid_)
+        self.layers, self.grid_layer = tuple(cfg.layers), cfg.grid_layer
+        self.register_buffer("channels", det.channels_.long())
+        self.register_buffer("mean", det.mean_.float())  # (P, d)
+        self.register_buffer("precision", det.precision_.float())  # (P, d, d)
+        with torch.no_grad():
+            probe = bb(torch.zeros(1, 3, cfg.image_size, cfg.image_size), self.layers)
+        # finer maps average-pooled into the grid's cells (``on_grid``), as a product per axis
+        h, w = self.grid
+        for name in self.layers:
+            fh, fw = probe[name].shape[-2:]
+            if fw > w:
+                self.register_buffer(f"pool_{name}_h", pool_matrix(fh, h).T.float().contiguous())  # (h, fh)
+                self.register_buffer(f"pool_{name}_w", pool_matrix(fw, w).float())  # (fw, w)
+
+    def forward(self, images):
+        h, w = self.grid
+        feats = self.backbone(self.normalize(images), self.layers)
+        maps = []
+        for name in self.layers:
+            f = feats[name]
+            if hasattr(self, f"pool_{name}_h"):
+                f = getattr(self, f"pool_{name}_h") @ f @ getattr(self, f"pool_{name}_w")
+            elif f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            maps.append(f)
+        x = torch.cat(maps, 1).index_select(1, self.channels).flatten(2).transpose(1, 2)  # (B, P, d)
+        diff = (x - self.mean).transpose(0, 1)  # (P, B, d)
+        m2 = (torch.matmul(diff, self.precision) * diff).sum(2)  # (P, B) squared Mahalanobis
+        patch = m2.clamp_min(0).sqrt().T.reshape(-1, h, w)
+        maps = self.smooth(patch)
+        return maps.flatten(1).amax(1), maps, patch
+
+
+class CLADGraph(Graph):
+    """CLAD and CLAD+: the language map 1 - S (Eq. 4) of each patch against the normal class embedding (a constant
+    of the fit: no text encoder runs at prediction), with CLAD+ fused with the patch memory's distances."""
+
+    def __init__(self, det, block_distances: int = BLOCK_DISTANCES):
+        cfg, m = det.config, det.model_
+        with torch.no_grad():
+            h1, _ = m.stage_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size), tuned=True)
+        super().__init__(m.backbone, cfg.image_size, cfg.map_sigma, h1.shape[-2:])
+        self.model = m
+        self.heads, self.tail = m.heads, m.tail  # registered, so that the exporter sees them as parameters
+        self.register_buffer("normal", det.text_embeddings_[0].float())  # (D,)
+        for name in ("sigma", "sigma_image", "scale_lang", "scale_mem"):
+            self.register_buffer(name, torch.as_tensor(getattr(det, f"{name}_")).float())
+        self.memory, self.memory_weight, self.pooled = cfg.memory, cfg.memory_weight, cfg.image_score == "pooled"
+        if cfg.memory:
+            h, w = self.grid
+            self.search = NearestDistance(det.memory_bank_, max(1, block_distances // (h * w)))
+
+    def forward(self, images):
+        m, (h, w) = self.model, self.grid
+        h1, h2 = m.stage_features(self.normalize(images), tuned=True)
+        z = m.project(m.combine(h1, h2))  # (B, D, h, w)
+        d2 = ((z - self.normal[None, :, None, None]) ** 2).sum(1)
+        patch = 1 - torch.exp(-d2 / self.sigma)  # (B, h, w) language map
+        if self.memory:
+            feat = m.combine(h1, m.frozen_last(h1, h2))
+            mem = self.search(feat.permute(0, 2, 3, 1).reshape(-1, h * w, feat.shape[1]))[0].reshape(-1, h, w)
+            wt = self.memory_weight
+            patch = wt * mem / self.scale_mem + (1 - wt) * patch / self.scale_lang
+        maps = self.smooth(patch)
+        if self.pooled:
+            z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
+            scores = 1 - torch.exp(-((z_img - self.normal) ** 2).sum(1) / self.sigma_image)
+        else:
+            scores = maps.flatten(1).amax(1)
+        return scores, maps, patch
