@@ -98,6 +98,17 @@ def test_onnxruntime_gives_torch_scores_and_maps(ort, tmp_path, tiny_clip_dir, n
     assert_parity(runtime.predict(tests, batch_size=2), before)  # batches of 2 and 1: the batch axis is free
 
 
+@pytest.mark.real_weights
+def test_a_loaded_efficientnet_model_exports(ort, tmp_path):
+    """The default backbone prepares its fused weights on first use: a model loaded and exported at once works."""
+    from clad.export import OnnxDetector, export_onnx
+
+    clad.create_detector("patch_knn", image_size=64).fit(_images()[0]).save(tmp_path / "model")
+    det = clad.load_detector(tmp_path / "model")
+    runtime = OnnxDetector(export_onnx(det, tmp_path / "m.onnx"))
+    assert_parity(runtime.predict(_images()[1]), det.predict(_images()[1]))
+
+
 def test_graph_maps_are_the_working_size_maps(ort, tmp_path):
     """The ``maps`` output, for runtimes outside clad: the smoothed map at the working size, which is the detector's
     map of an image already at that size."""
@@ -125,19 +136,23 @@ def test_the_memory_is_an_initializer_searched_exactly(ort, tmp_path):
     model = onnx.load(str(path))
     blocks = [t for t in model.graph.initializer if t.name.startswith("search.bank_t")]  # (C, 1000 // 64 rows)
     assert len(blocks) == -(-len(det.memory_bank_) // 15) and blocks[0].dims[1] == 15
-    bank = det.memory_bank_.numpy()
-    found = np.concatenate([onnx.numpy_helper.to_array(t).T for t in blocks])
-    assert len(found) == len(bank) and np.array_equal(np.sort(found, 0), np.sort(bank, 0))
+    found = np.concatenate([onnx.numpy_helper.to_array(t).T for t in sorted(blocks, key=lambda t: int(t.name[13:]))])
+    assert np.array_equal(found, det.memory_bank_.numpy())  # the memory, stored once
+    others = [t for t in model.graph.initializer if t.name.startswith("search.") and t not in blocks]
+    assert sum(np.prod(t.dims) for t in others) == len(det.memory_bank_)  # and its rows' squared norms
     exact = clad.create_detector("patchcore", **TINY, coreset_ratio=1.0).fit(_images()[0])
     tests = _images()[1]
     assert relative_error(OnnxDetector(path).predict(tests).scores, exact.predict(tests).scores) <= RTOL
 
 
-def test_external_data_beside_the_file(ort, tmp_path):
-    from clad.export import OnnxDetector, export_onnx
+def test_tensors_past_the_limit_go_to_external_data_beside_the_file(ort, tmp_path, monkeypatch):
+    from clad.export import OnnxDetector, export_onnx, exporter
 
     det = _fitted("patchcore", coreset_ratio=1.0)
-    path = export_onnx(det, tmp_path / "m.onnx", external_data=True)
+    assert not (export_onnx(det, tmp_path / "small.onnx").with_name("small.onnx.data")).exists()
+    (tmp_path / "small.onnx").unlink()
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", det.memory_bank_.numel())  # 1 GB in real life
+    path = export_onnx(det, tmp_path / "m.onnx")
     data = tmp_path / "m.onnx.data"
     assert data.stat().st_size > det.memory_bank_.numel() * 4 > path.stat().st_size
     assert_parity(OnnxDetector(path).predict(_images()[1]), det.predict(_images()[1]))

@@ -92,6 +92,10 @@ def export_onnx(det, path: str | Path, external_data: bool | None = None, source
     size = graph.image_size
     dummy = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     try:
+        with torch.no_grad():
+            # Once before tracing: a backbone's inference path prepares its weights on first use (EfficientNet-Lite0
+            # folds each batch norm into its convolution), which the trace must find done, as constants.
+            graph(dummy)
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
             # the TorchScript exporter's deprecation notice and its tracer's warnings about shapes: the graph's
             # only dynamic axis is the batch, declared below, and the tests run it at another batch size

@@ -11,9 +11,9 @@ The module computes what the detector's ``_predict_batch`` computes, from the re
 The resize of a map to its image's own resolution depends on the image's size, which a fixed-size input no longer
 carries: it stays outside the graph (``clad.ops.smoothing.smooth_maps`` on ``patch_maps``, as every detector does).
 
-Nearest-neighbour distances are exact, as a matrix product and a minimum, sqrt(max(|q|^2 - 2 q.m + |m|^2, 0)) as
-``clad.ops.knn.knn`` computes them, over the whole memory (an initializer): the graph has no pruned or
-approximate search, so a PatchCore with ``n_probe`` > 0 exports its exact search.
+Nearest-neighbour search is exact, over the whole memory (one initializer): the nearest row by a matrix product
+and a minimum, as ``clad.ops.knn.knn`` finds it, then its distance |q - m| (``NearestDistance``). The graph has no
+pruned or approximate search, so a PatchCore with ``n_probe`` > 0 exports its exact search.
 """
 from __future__ import annotations
 
@@ -35,37 +35,53 @@ def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 
 class NearestDistance(nn.Module):
-    """Exact Euclidean distance of each query to its nearest memory row, in blocks of ``block`` memory rows.
+    """Exact Euclidean distance of each query to its nearest memory row, and that row.
 
-    forward: (B, P, C) -> (distance (B, P), row (B, P) or None): the row only with ``indices``.
+    The memory is searched in blocks of ``block`` rows (each an initializer: the memory is stored once). In each
+    block the nearest row is found as ``knn`` finds it, by |m|^2 - 2 q.m (a matrix product and a minimum), and its
+    distance then measured directly, |q - m|; the blocks' nearest rows are compared by that distance. Computed as
+    |q|^2 - 2 q.m + |m|^2, a small distance among large features loses up to 1e-3 of itself to cancellation in
+    float32 (EfficientNet-Lite0 features, full-shot bottle), which would be the difference between two runtimes;
+    measured directly, only torch's own rounding remains (benchmarks/README.md, "ONNX export").
+
+    forward: (B, P, C) -> (distance (B, P), row (B, P)).
     """
 
-    def __init__(self, bank: torch.Tensor, block: int, indices: bool = False):
+    def __init__(self, bank: torch.Tensor, block: int):
         super().__init__()
-        self.n_blocks, self.block, self.indices = 0, block, indices
         bank = bank.float()
-        for lo in range(0, len(bank), block):
+        self.starts = list(range(0, len(bank), block))
+        for k, lo in enumerate(self.starts):
             part = bank[lo : lo + block]
-            self.register_buffer(f"bank_t{self.n_blocks}", part.T.contiguous())  # (C, block)
-            self.register_buffer(f"bank_sq{self.n_blocks}", (part * part).sum(1))  # (block,)
-            self.n_blocks += 1
+            self.register_buffer(f"bank_t{k}", part.T.contiguous())  # (C, rows of the block)
+            self.register_buffer(f"bank_sq{k}", (part * part).sum(1))
 
-    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def blocks(self):
+        """(first row, rows (C, n), their squared norms (n,)) of each block."""
+        return [(lo, getattr(self, f"bank_t{k}"), getattr(self, f"bank_sq{k}")) for k, lo in enumerate(self.starts)]
+
+    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b_p, c = q.shape[:2], q.shape[-1]
+        flat, q2 = q.reshape(-1, c), q * -2.0  # -2 q: exactly -2 times q, one pass over q instead of the distances
         best, rows = None, None
-        for k in range(self.n_blocks):
-            # |m|^2 - 2 q.m: the squared distance less |q|^2, the same along a row, added to the minimum only
-            d2 = torch.matmul(q, getattr(self, f"bank_t{k}")) * -2.0 + getattr(self, f"bank_sq{k}")  # (B, P, block)
-            if self.indices:
-                d, i = d2.min(-1)
-                if best is None:
-                    best, rows = d, i
-                else:
-                    better = d < best  # on a tie the earlier row stays, as in knn
-                    best, rows = torch.where(better, d, best), torch.where(better, i + k * self.block, rows)
+        for lo, bank_t, bank_sq in self.blocks():
+            i = (torch.matmul(q2, bank_t) + bank_sq).argmin(-1).reshape(-1)  # nearest by |m|^2 - 2 q.m: (B * P,)
+            d = (flat - bank_t.index_select(1, i).T).norm(dim=1)  # its distance, measured directly
+            if best is None:
+                best, rows = d, i
             else:
-                d = d2.amin(-1)
-                best = d if best is None else torch.minimum(best, d)
-        return (best + (q * q).sum(-1)).clamp_min(0).sqrt(), rows
+                better = d < best  # on a tie the earlier row stays
+                best, rows = torch.where(better, d, best), torch.where(better, i + lo, rows)
+        return best.reshape(-1, b_p[1]), rows.reshape(-1, b_p[1])
+
+    def rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Memory rows (N, C) at ``index`` (N,)."""
+        out = 0
+        for lo, bank_t, _ in self.blocks():
+            n = bank_t.shape[1]
+            inside = (index >= lo) & (index < lo + n)
+            out = out + torch.where(inside[:, None], bank_t.index_select(1, (index - lo).clamp(0, n - 1)).T, 0.0)
+        return out
 
 
 class Graph(nn.Module):
@@ -111,10 +127,8 @@ class PatchCoreGraph(Graph):
         self.register_buffer("pool", pool)  # None: all channels kept
         self.reweight = bool(getattr(cfg, "reweight", False))
         self.neighbours = min(getattr(cfg, "reweight_neighbours", 1), len(det.memory_bank_))
-        if self.reweight:
-            self.register_buffer("bank", det.memory_bank_.float().contiguous())
         h, w = self.grid
-        self.search = NearestDistance(det.memory_bank_, max(1, block_distances // (h * w)), indices=self.reweight)
+        self.search = NearestDistance(det.memory_bank_, max(1, block_distances // (h * w)))
 
     def forward(self, images):
         h, w = self.grid
@@ -132,11 +146,11 @@ class PatchCoreGraph(Graph):
         """PatchCore's Eq. 7, as ``PatchCore._reweight``: (B,) weights."""
         m_test = flat.gather(1, where[:, None, None].expand(-1, 1, flat.shape[2]))[:, 0]  # (B, C)
         m_star = nearest.gather(1, where[:, None])[:, 0]  # (B,)
-        star = self.bank.index_select(0, m_star)  # (B, C)
-        d2 = (self.bank * self.bank).sum(1) - 2.0 * star @ self.bank.T  # (B, M), less |m*|^2
-        support = d2.topk(self.neighbours, dim=1, largest=False).indices  # N_b(m*)
+        star = self.search.rows_at(m_star)  # (B, C)
+        d2 = torch.cat([bank_sq - 2.0 * star @ bank_t for _, bank_t, bank_sq in self.search.blocks()], 1)  # (B, M)
+        support = d2.topk(self.neighbours, dim=1, largest=False).indices  # N_b(m*), less |m*|^2 as in knn
         support = torch.cat([m_star[:, None], support[:, 1:]], 1)  # m* itself first
-        near = self.bank.index_select(0, support.reshape(-1)).reshape(-1, self.neighbours, flat.shape[2])
+        near = self.search.rows_at(support.reshape(-1)).reshape(-1, self.neighbours, flat.shape[2])
         d = (m_test[:, None] - near).norm(dim=-1)  # (B, b)
         return 1.0 - torch.softmax(d, dim=1)[:, 0]
 
