@@ -11,9 +11,9 @@ The module computes what the detector's ``_predict_batch`` computes, from the re
 The resize of a map to its image's own resolution depends on the image's size, which a fixed-size input no longer
 carries: it stays outside the graph (``clad.ops.smoothing.smooth_maps`` on ``patch_maps``, as every detector does).
 
-Nearest-neighbour search is exact, over the whole memory (one initializer): the nearest row by a matrix product
-and a minimum, as ``clad.ops.knn.knn`` finds it, then its distance |q - m| (``NearestDistance``). The graph has no
-pruned or approximate search, so a PatchCore with ``n_probe`` > 0 exports its exact search.
+Nearest-neighbour search is exact, over the whole memory (initializers, in blocks of rows): the nearest row by a
+matrix product and a minimum, as ``clad.ops.knn.knn`` finds it, then its distance |q - m| (``NearestDistance``). The
+graph has no pruned or approximate search, so a PatchCore with ``n_probe`` > 0 exports its exact search.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class NearestDistance(nn.Module):
         return [(lo, getattr(self, f"bank_t{k}"), getattr(self, f"bank_sq{k}")) for k, lo in enumerate(self.starts)]
 
     def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b_p, c = q.shape[:2], q.shape[-1]
+        p, c = q.shape[1:]
         flat, q2 = q.reshape(-1, c), q * -2.0  # -2 q: exactly -2 times q, one pass over q instead of the distances
         best, rows = None, None
         for lo, bank_t, bank_sq in self.blocks():
@@ -72,7 +72,7 @@ class NearestDistance(nn.Module):
             else:
                 better = d < best  # on a tie the earlier row stays
                 best, rows = torch.where(better, d, best), torch.where(better, i + lo, rows)
-        return best.reshape(-1, b_p[1]), rows.reshape(-1, b_p[1])
+        return best.reshape(-1, p), rows.reshape(-1, p)
 
     def rows_at(self, index: torch.Tensor) -> torch.Tensor:
         """Memory rows (N, C) at ``index`` (N,)."""
