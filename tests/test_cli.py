@@ -20,7 +20,7 @@ def synth(tmp_path):
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ("fit", "predict", "eval", "demo", "list"):
+    for cmd in ("fit", "predict", "export", "eval", "demo", "list"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

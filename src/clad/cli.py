@@ -1,4 +1,4 @@
-"""The ``clad`` command: fit, predict, eval, report, demo, list and bench.
+"""The ``clad`` command: fit, predict, export, eval, report, demo, list and bench.
 
 One error contract for every command: a mistake in what the user gave (an argument, a file, a folder) is one
 line ``clad: error: ...`` and exit code 2; a run stopped by Ctrl-C or SIGTERM keeps what it finished, says what,
@@ -113,21 +113,22 @@ def cmd_fit(args) -> int:
 
 # -- predict --------------------------------------------------------------------------------------------------
 def cmd_predict(args) -> int:
-    from clad.detectors.base import load_detector
     from clad.errors import DatasetError, SpecError
     from clad.pipeline import (ErrorLog, ErrorsCSV, ExplanationsJSON, HTMLReport, MapsNpy, Pipeline, PredictionsCSV,
-                               RunFolder, folder_digest, open_source, output_lock)
+                               RunFolder, open_source)
 
     if args.resume and args.report:
         raise SpecError("--resume cannot add to an HTML report (it needs every image at once); leave out --report")
-    det = load_detector(args.model)
+    det, digest = _load_for_runtime(args)
     if args.threshold is not None:
         det.set_threshold(args.threshold)
     threshold = None if det.threshold_ is None else float(det.threshold_)
     source = open_source(args.input)
-    identity = {"model_sha256": folder_digest(args.model), "input": os.path.abspath(args.input),
+    identity = {"model_sha256": digest, "input": os.path.abspath(args.input),
                 "threshold": threshold, "explain": bool(args.explain), "pixel_threshold": args.pixel_threshold,
                 "catalogue": args.catalogue and os.path.abspath(args.catalogue)}
+    if args.runtime != "torch":  # only then: runs recorded before --runtime existed still resume
+        identity["runtime"] = args.runtime
     info = {"model": os.path.abspath(args.model), "detector": det.name}
     with RunFolder(args.out, identity, info, resume=args.resume) as run, _hold_report(args.report, run.folder):
         out = run.folder
@@ -169,6 +170,55 @@ def cmd_predict(args) -> int:
         print(f"report -> {report.page}")
     if not doc["scored"]:
         raise DatasetError(f"{args.input}: no image could be scored; the reasons are in {out / 'errors.csv'}")
+    return 0
+
+
+def _load_for_runtime(args):
+    """The model of ``predict --model`` for ``--runtime``, and its digest (the identity of a run)."""
+    from clad.errors import ConfigError, SpecError
+
+    model = Path(args.model)
+    if args.runtime == "onnxruntime":
+        if args.explain or args.report:
+            raise SpecError("--explain and --report need the torch runtime (explanations use the detector's own "
+                            "features); leave them out, or use --runtime torch with the model folder")
+        if model.is_dir():
+            raise ConfigError(f"--model {model}: a model folder; --runtime onnxruntime runs the file that "
+                              f"`clad export --model {model} --format onnx --out FILE` writes")
+        from clad.export import OnnxDetector
+
+        det = OnnxDetector(model)
+        return det, det.digest
+    from clad.detectors.base import load_detector
+    from clad.pipeline import folder_digest
+
+    if model.is_file():
+        raise ConfigError(f"--model {model}: a file; the torch runtime loads a model folder written by `clad fit` "
+                          "(a file written by `clad export` runs with --runtime onnxruntime)")
+    return load_detector(model), folder_digest(model)
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from clad.detectors.base import load_detector
+    from clad.errors import ConfigError
+    from clad.export import export_onnx, export_problem
+    from clad.export.exporter import require
+    from clad.pipeline import folder_digest, output_lock
+
+    require("onnx", "clad export --format onnx")
+    det = load_detector(args.model)
+    problem = export_problem(det)
+    if problem:
+        raise ConfigError(f"{args.model}: {problem}")
+    with output_lock(args.out, "file"):
+        t0 = time.perf_counter()
+        path = export_onnx(det, args.out, source=folder_digest(args.model))
+    data = path.with_name(f"{path.name}.data")
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    print(f"exported {det.name} to {args.out} ({size / 1e6:.1f} MB{', tensors in ' + data.name if data.is_file() else ''})"
+          f" in {time.perf_counter() - t0:.1f} s; run it with: clad predict --model {args.out} --runtime onnxruntime "
+          "--input IMAGES --out DIR")
     return 0
 
 
@@ -377,7 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalogue", metavar="DIR", help="defect catalogue for the explanations: DIR/<type>/<image> + mask")
     p.add_argument("--pixel-threshold", type=NUMBER, help="map threshold for explained regions (default: the model's "
                    "threshold when its score is the map maximum, else the 99.5th percentile of each batch's maps)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch (default: --model is a folder written by `clad fit`) or onnxruntime (--model is a file "
+                        "written by `clad export`; needs pip install onnxruntime)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a saved model to ONNX (the backbone and the scoring in one graph)",
+                       description="Export a saved model to one ONNX graph: input uint8 (B, 3, S, S) RGB images resized "
+                                   "to the model's image_size; outputs image scores (B,), maps (B, S, S) and patch maps "
+                                   "(B, h, w). For patchcore, patch_knn, padim, clad and clad_plus.")
+    p.add_argument("--model", required=True, help="folder written by `clad fit`")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only one so far)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx (tensors over 1 GB go to FILE.data)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="fit on references and measure on a labelled test split")
     _add_data_args(p)

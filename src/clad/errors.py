@@ -34,6 +34,10 @@ class PluginError(CladError, ImportError):
     """A detector, backbone, text encoder or dataset scheme from another package (an entry point) fails to load."""
 
 
+class DependencyError(CladError, ImportError):
+    """An optional package that a feature needs is not installed; the message names it and the pip command."""
+
+
 class OutputError(CladError, OSError):
     """An output cannot be written: a file where a folder is needed (or the reverse), another clad run writing
     there, or a run that cannot be resumed."""

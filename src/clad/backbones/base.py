@@ -55,14 +55,19 @@ class Backbone(nn.Module):
 
     def preprocess(self, images: Sequence[ImageLike], size: int | None = None) -> torch.Tensor:
         """Images of any size -> normalised float tensor (B, 3, size, size) on the backbone's device."""
-        size = size or self.default_size
-        x = _resize_batch(_decode(images), size).to(self.device)  # (B, 3, S, S) uint8, channels-last
+        x = resized(images, size or self.default_size).to(self.device)  # (B, 3, S, S) uint8, channels-last
         # (x / 255 - mean) / std as one pass, x * (1 / (255 std)) - mean / std, straight from uint8 (about 3x
         # faster than converting first).
-        std = torch.tensor(self.std, dtype=torch.float64) * 255.0
-        scale = (1.0 / std).float().view(1, 3, 1, 1).to(x.device)
-        shift = (-torch.tensor(self.mean, dtype=torch.float64) * 255.0 / std).float().view(1, 3, 1, 1).to(x.device)
+        scale, shift = (t.to(x.device) for t in self.normalization())
         return torch.addcmul(shift, x, scale)
+
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (1, 3, 1, 1) float32: ``preprocess`` normalises uint8 pixels x as x * scale + shift,
+        i.e. (x / 255 - mean) / std."""
+        std = torch.tensor(self.std, dtype=torch.float64) * 255.0
+        scale = (1.0 / std).float().view(1, 3, 1, 1)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64) * 255.0 / std).float().view(1, 3, 1, 1)
+        return scale, shift
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -71,6 +76,12 @@ class Backbone(nn.Module):
         """(B, 3, H, W) -> (B, D) global embedding: average of the deepest feature map."""
         last = self.feature_info[-1].name
         return self.forward(x, [last])[last].mean(dim=(2, 3))
+
+
+def resized(images: Sequence[ImageLike], size: int) -> torch.Tensor:
+    """Images of any size -> uint8 (B, 3, size, size), channels-last strides: the pixels ``preprocess`` normalises
+    (decoded as RGB, resized bilinearly with antialiasing)."""
+    return _resize_batch(_decode(images), size)
 
 
 def _decode(images: Sequence[ImageLike]) -> list[np.ndarray]:

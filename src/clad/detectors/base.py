@@ -187,6 +187,19 @@ def _write_folder(directory: Path, files: dict[str, bytes]) -> None:
         pass  # some file systems cannot sync a folder; the files themselves are synced
 
 
+def apply_threshold(result: AnomalyResult, threshold: float | None, scale: float | None) -> AnomalyResult:
+    """``result`` with its decision: the threshold, the labels (scores > threshold) and, with a ``scale``, the
+    normalised scores (``thresholds.normalize``); unchanged without a threshold."""
+    if threshold is not None:
+        result.threshold = float(threshold)
+        result.labels = result.scores > threshold
+        if scale is not None:
+            from clad.detectors.thresholds import normalize
+
+            result.normalized_scores = normalize(result.scores, threshold, scale)
+    return result
+
+
 class Detector:
     """Base of all detectors, estimator-style.
 
@@ -299,15 +312,7 @@ class Detector:
         for start in tqdm(starts, desc=f"{self.name} predict", unit="batch", disable=not progress, leave=False):
             scores, maps = self._predict_batch(images[start : start + batch_size])
             parts.append(AnomalyResult(np.asarray(scores, np.float32), [np.asarray(m, np.float32) for m in maps]))
-        result = AnomalyResult.concat(parts)
-        if self.threshold_ is not None:
-            result.threshold = float(self.threshold_)
-            result.labels = result.scores > self.threshold_
-            if self.threshold_scale_ is not None:
-                from clad.detectors.thresholds import normalize
-
-                result.normalized_scores = normalize(result.scores, self.threshold_, self.threshold_scale_)
-        return result
+        return apply_threshold(AnomalyResult.concat(parts), self.threshold_, self.threshold_scale_)
 
     def fit_signature(self) -> str:
         """What ``fit`` depends on: the family and every config field but the inference-only ones."""
