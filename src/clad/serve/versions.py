@@ -223,12 +223,9 @@ class ModelSlot:
         with self.lock:
             cur = self.active
             det = load_detector(self._version_folder(cur.version.version))
-            user = det.threshold_ if det.threshold_source_ == "user" else None
             t0 = time.perf_counter()
-            det = det.add_references(images)
+            det = det.add_references(images)  # keeps a threshold an operator set
             seconds = time.perf_counter() - t0
-            if user is not None:
-                det.set_threshold(user)
             self.add_references(pngs)
             before = cur.version.n_references
             n_refs = getattr(det, "n_references_", None) or (None if before is None else before + len(images))
