@@ -28,7 +28,7 @@ from sqlalchemy import delete, exists, func, select
 from clad.serve import pictures
 from clad.serve.batcher import Batcher, QueueFull
 from clad.serve.blobs import BlobStore, sha256
-from clad.serve.db import Inspection, Rating, Verdict, iso, make_engine, migrate, session_factory, utcnow
+from clad.serve.db import Inspection, Rating, Verdict, iso, open_database, session_factory, utcnow
 from clad.serve.metrics import Metrics
 from clad.serve.versions import ModelSlot
 
@@ -123,8 +123,8 @@ class Station:
                 raise SpecError(f"two models are named {slot.name!r} ({self.slots[slot.name].folder} and "
                                 f"{slot.folder}): a model's name is its folder's name, rename one")
             self.slots[slot.name] = slot
-        self.engine = make_engine(settings.db_url)  # after the models: a mistyped folder creates no database
-        self.revision = migrate(self.engine)
+        # after the models: a mistyped folder creates no database
+        self.engine, self.revision = open_database(settings.db_url)
         self.Session = session_factory(self.engine)
         self.images = BlobStore(settings.images_dir) if settings.images_dir is not None else None
         self.maps = BlobStore(Path(settings.data_dir) / "maps")
