@@ -223,7 +223,9 @@ class Station:
         """The inference thread: one forward for the batch, then its explanations."""
         from clad.types import AnomalyResult
 
-        active = self.slots[jobs[0].model].active
+        slot = self.slots[jobs[0].model]
+        slot.refresh(blocking=False)  # another replica may have changed the active version: one stat per batch
+        active = slot.active
         det, explainer = active.detector, active.explainer
         arrays = [j.payload.image for j in jobs]
         t0 = time.perf_counter()
@@ -332,7 +334,7 @@ class Station:
             rows = s.execute(select(Inspection.id, Inspection.score, Inspection.verdict)
                              .where(Inspection.model == name, Inspection.model_version.in_(lineage))
                              .order_by(Inspection.id)).all()
-        threshold = slot.active.detector.threshold_ if slot.active else None
+        threshold = slot.version(lineage[0]).threshold  # the active version's, as on disk (every replica's)
         return {"threshold": threshold, "items": [{"id": i, "score": sc, "verdict": v} for i, sc, v in rows]}
 
     # -- pictures ---------------------------------------------------------------------------------------------
@@ -418,16 +420,17 @@ class Station:
 
     # -- models -------------------------------------------------------------------------------------------------
     def model_json(self, name: str) -> dict:
+        """The model as its folder has it: the active version on disk is the one every replica serves from its
+        next batch (``ModelSlot.refresh``), so every replica answers the same."""
         slot = self.slot(name)
         versions = slot.versions()
         active_n = slot.active_number()
-        active = slot.active
-        det = active.detector if active else slot.initial
+        det = slot.initial  # the detector's kind and capabilities: the same in every version
         current = next(v for v in versions if v.version == active_n)
-        return {"name": name, "detector": det.name, "version": active_n, "threshold": det.threshold_,
-                "threshold_source": det.threshold_source_, "n_references": current.n_references,
+        return {"name": name, "detector": det.name, "version": active_n, "threshold": current.threshold,
+                "threshold_source": current.threshold_source, "n_references": current.n_references,
                 "can_add_references": bool(getattr(det, "can_add_references", False)),
-                "ready": active is not None, "versions": [v.to_json(active_n) for v in versions]}
+                "ready": slot.active is not None, "versions": [v.to_json(active_n) for v in versions]}
 
     def models_json(self) -> list[dict]:
         return [self.model_json(n) for n in self.slots]
