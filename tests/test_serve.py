@@ -465,6 +465,8 @@ def test_serve_command_errors_are_one_line(models, tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err
         assert err.startswith("clad: error: --db ") and problem in err and err.count("\n") == 1, err
         assert "s3cret" not in err and ("ana:***@127.0.0.1:1/h" in err or "@" not in url)
+    assert main(["serve", str(models["knn"]), "--replicas", "2"]) == 2
+    assert "go with --engine ray" in capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec
