@@ -34,7 +34,13 @@ def replica_class(serve):
             torch.set_num_threads(threads)
             logging.getLogger("alembic").setLevel(logging.WARNING)
             self.station = Station(settings)
+            for slot in self.station.slots.values():  # Serve routes to a replica once this returns: ready then
+                slot.load()
             self.name = serve.get_replica_context().replica_id.unique_id
+
+        def check_health(self):
+            if self.station.failure:
+                raise RuntimeError(self.station.failure)
 
         def __serve_build_asgi_app__(self):
             from clad.serve.app import create_app

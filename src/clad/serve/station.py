@@ -155,6 +155,8 @@ class Station:
     async def _warm_up(self) -> None:
         try:
             for slot in self.slots.values():
+                if slot.active is not None:  # loaded before the start (a Ray Serve replica loads in __init__)
+                    continue
                 t0 = time.perf_counter()
                 await self.batcher.run_in_worker(slot.load)
                 log.info("model %s version %d loaded and warmed in %.1f s", slot.name, slot.active.version.version,
