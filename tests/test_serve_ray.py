@@ -1,7 +1,7 @@
 """``clad serve --engine ray``: two station replicas on Ray Serve behind one URL, as a real process on 127.0.0.1
-with its own local Ray cluster of 2 CPUs: the history has every inspection whichever replica answered, both
-replicas answer, a threshold changed through one is served by the other, and stopping the process takes the
-whole cluster down with it."""
+with its own local Ray cluster of 2 CPUs, sharing a history on SQLite and on PostgreSQL: the history has every
+inspection whichever replica answered, both replicas answer, a threshold changed through one is served by the
+other, and stopping the process takes the whole cluster down with it."""
 from __future__ import annotations
 
 import asyncio
@@ -51,15 +51,15 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def replicas(request, history_url, tmp_path_factory):
     import clad
 
     root = tmp_path_factory.mktemp("ray_station")
     normal = [texture((64, 64), s) for s in range(4)]
     model = clad.create_detector("patch_knn", backbone="tiny_cnn", image_size=64).fit(normal).save(root / "knn")
-    server = Server([str(model), "--data-dir", str(root / "station"), "--engine", "ray", "--replicas", "2",
-                     "--num-cpus", "2"], timeout=120)
+    server = Server([str(model), "--data-dir", str(root / "station"), "--db", history_url(request.param),
+                     "--engine", "ray", "--replicas", "2", "--num-cpus", "2"], timeout=120)
     try:
         server.wait_ready(120)
         with httpx.Client(base_url=server.url + "/api/v1", timeout=60) as client:

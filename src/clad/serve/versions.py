@@ -16,6 +16,7 @@ on the one it took. A process notices another's change by ``active.json`` changi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -254,32 +255,21 @@ class ModelSlot:
             self._serve(v, self._detector(n))
         return True
 
-    class _Changing:
-        """The slot's lock, the folder's lock between processes, and the newest active version served."""
+    @contextlib.contextmanager
+    def _changing(self):
+        """The slot's lock, the folder's lock between processes, and the newest active version served: a change
+        is always made on top of the latest one, whichever process made that."""
+        import fcntl
 
-        def __init__(self, slot: "ModelSlot"):
-            self.slot, self.fh = slot, None
-
-        def __enter__(self):
-            import fcntl
-
-            self.slot.lock.acquire()
-            try:
-                self.slot.versions_dir.mkdir(parents=True, exist_ok=True)
-                self.fh = open(self.slot.versions_dir / LOCK_FILE, "a")
-                fcntl.flock(self.fh, fcntl.LOCK_EX)
-                self.slot._refresh()
-            except BaseException:
-                self.__exit__()
-                raise
-
-        def __exit__(self, *exc):
-            if self.fh is not None:
-                self.fh.close()  # releases the flock
-            self.slot.lock.release()
+        with self.lock:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.versions_dir / LOCK_FILE, "a") as fh:  # closing it releases the flock
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                self._refresh()
+                yield
 
     def set_threshold(self, threshold: float) -> Version:
-        with self._Changing(self):
+        with self._changing():
             cur = self.active
             det = copy.copy(cur.detector)  # shares the fitted tensors and the backbone: only the threshold differs
             det.set_threshold(threshold)
@@ -294,7 +284,7 @@ class ModelSlot:
         the seconds ``add_references`` took."""
         from clad.detectors.base import load_detector
 
-        with self._Changing(self):
+        with self._changing():
             cur = self.active
             det = load_detector(self._version_folder(cur.version.version))
             t0 = time.perf_counter()
@@ -308,7 +298,7 @@ class ModelSlot:
             return v, seconds
 
     def rollback(self, n: int) -> Version:
-        with self._Changing(self):
+        with self._changing():
             v = self.version(n)
             self._activate(v, self._detector(n))
             return v
