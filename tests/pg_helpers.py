@@ -70,7 +70,7 @@ class PostgresServer:
             for p in (self.sockets, pwfile):
                 shutil.chown(p, "postgres")
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, "--pwfile", str(pwfile),
-                  "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+                  "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale")
         pwfile.unlink()
         for _ in range(5):  # another process may take the free port between the probe and the start
             self.port = free_port()
