@@ -393,7 +393,9 @@ def cmd_serve(args) -> int:
         else:
             run(settings, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     except KeyboardInterrupt as e:
-        e.kept = f"the history is in {settings.db_url}"
+        from clad.serve.db import safe_url
+
+        e.kept = f"the history is in {safe_url(settings.db_url)}"
         raise
     return 0
 
