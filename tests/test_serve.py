@@ -370,6 +370,8 @@ def test_history_survives_a_restart_in_wal_mode_and_batches_gather(models, backe
         assert httpx.get(f"{server.url}/api/v1/inspections/{first[1]['id']}/heatmap.png").status_code == 200
     finally:
         assert server.stop() in (0, 130)
+    password = sa.engine.make_url(url).password
+    assert "history " in server.log and (password is None or password not in server.log)  # hidden: ***
     if backend == "sqlite":
         db = sqlite3.connect(url.removeprefix("sqlite:///"))
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
