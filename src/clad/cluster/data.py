@@ -139,8 +139,9 @@ def score_on_ray(ray, files: dict[str, bytes], runtime: str, entries: Sequence[E
                               f"not {type(e).__name__}")
     if not entries:
         return iter(())
-    cpus = cluster_cpus(ray)
-    actors = actors or cpus
+    blocks = math.ceil(len(entries) / batch_size)
+    cpus = min(cluster_cpus(ray), blocks)  # no more tasks or actors than there are batches
+    actors = min(actors or cpus, blocks)
     rows = [{"path": e.path, "where": os.path.abspath(e.path), "name": e.name, "reason": getattr(e, "reason", "")}
             for e in entries]
     context = DataContext.get_current()
@@ -148,7 +149,7 @@ def score_on_ray(ray, files: dict[str, bytes], runtime: str, entries: Sequence[E
     context.enable_progress_bars = False  # the pipeline's own bar counts the images
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plan and progress, in the driver's output
     model = [ray.put(files)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # decoding takes no CPU of the scheduler's: the scoring actors hold every CPU; the tasks run beside them
     ds = ds.map(_decode, num_cpus=0, compute=TaskPoolStrategy(size=cpus))
     ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", num_cpus=1,

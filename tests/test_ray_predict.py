@@ -1,0 +1,117 @@
+"""``clad predict --engine ray``: the same outputs as the local engine, resume, a clear error for a cluster that
+cannot be reached. Ray is started once for the module (2 CPUs, on 127.0.0.1) and shut down after it; the module
+skips when ray is not installed (CI installs it: the cluster extra)."""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[cluster]')")
+
+import clad  # noqa: E402
+from clad.cli import main  # noqa: E402
+from clad.pipeline import read_map  # noqa: E402
+from conftest import REPO, plant_square, texture  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from clad.cluster import connect
+
+    ray = connect(None, 2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "m"
+    normal = [texture((64, 64), k) for k in range(3)]
+    clad.create_detector("patch_knn", backbone="tiny_cnn", image_size=64).fit(normal).set_threshold(0.6).save(folder)
+    return folder
+
+
+def _images(folder: Path, seeds, sizes=None) -> None:
+    from PIL import Image
+
+    for k in seeds:
+        image = texture((40 + 8 * (k % 4), 56), k)
+        if k % 3 == 0:
+            image = plant_square(image, 5, 5, 12)[0]
+        name = f"sub/{k}.png" if k % 2 else f"{k}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / name)
+
+
+def _rows(out: Path, name: str = "predictions.csv") -> list[dict]:
+    with open(out / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_ray_and_local_engines_write_the_same_outputs(ray_cluster, model, tmp_path):
+    inputs = tmp_path / "in"
+    _images(inputs, range(7))
+    (inputs / "sub" / "broken.png").write_bytes(b"not a png")
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    common = ["predict", "--model", str(model), "--input", str(inputs), "--batch-size", "3"]
+    assert main(common + ["--out", str(local)]) == 0
+    assert main(common + ["--out", str(ray), "--engine", "ray"]) == 0
+    a, b = _rows(local), _rows(ray)
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 7
+    for x, y in zip(a, b):
+        assert abs(float(x["score"]) - float(y["score"])) <= 1e-6 * abs(float(x["score"]))
+        assert x["label"] == y["label"] and x["score_normalized"] == y["score_normalized"]
+    assert _rows(local, "errors.csv") == _rows(ray, "errors.csv") and len(_rows(ray, "errors.csv")) == 1
+    for f in (local / "maps").rglob("*.npy"):
+        np.testing.assert_allclose(read_map(ray / "maps" / f.relative_to(local / "maps")), read_map(f), rtol=1e-6,
+                                   atol=1e-7)
+    assert len(list((ray / "maps").rglob("*.npy"))) == 7
+    assert json.loads((ray / "run.json").read_text())["engine"] == "ray"
+    if (local / "predictions.parquet").is_file():
+        assert (ray / "predictions.parquet").is_file()
+
+
+def test_ray_resume_scores_only_what_is_not_done(ray_cluster, model, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _images(inputs, range(3))
+    common = ["predict", "--model", str(model), "--input", str(inputs), "--out", str(out), "--engine", "ray",
+              "--maps", "png16"]
+    assert main(common) == 0
+    first = _rows(out)
+    _images(inputs, range(3, 5))  # two more images since: a resumed run scores those only
+    capsys.readouterr()
+    assert main(common + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    rows = _rows(out)
+    assert "predict: 2 image(s) scored" in said and "3 done before" in said
+    assert rows[:3] == first and len(rows) == len({r["path"] for r in rows}) == 5
+    assert len(list((out / "maps").rglob("*.png"))) == 5 and json.loads((out / "run.json").read_text())["scored"] == 5
+
+
+def test_an_unreachable_address_is_one_clear_error(model, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "clad.cli", "predict", "--model", str(model), "--input",
+                          str(tmp_path), "--out", str(tmp_path / "out"), "--engine", "ray", "--address",
+                          f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("clad: error: cannot connect to the Ray cluster at") and str(port) in lines[0]
+
+
+def test_ray_options_need_the_ray_engine(model, tmp_path, capsys):
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--num-cpus", "2"]) == 2
+    assert "--engine ray" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--engine", "ray", "--explain"]) == 2
+    assert "local engine" in capsys.readouterr().err
