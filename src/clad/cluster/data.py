@@ -159,17 +159,23 @@ def score_on_ray(ray, files: dict[str, bytes], runtime: str, entries: Sequence[E
 
 
 def _predictions(batches) -> Iterator[tuple[list[Prediction], list[tuple[str, str]]]]:
-    for b in batches:
-        predictions, failures = [], []
-        for i in range(len(b["path"])):
-            path, error = str(b["path"][i]), str(b["error"][i])
-            if error:
-                failures.append((path, error))
-                continue
-            label = int(b["label"][i])
-            normalized = float(b["score_normalized"][i])
-            predictions.append(Prediction(
-                Item(image=None, path=path, name=str(b["name"][i])), float(b["score"][i]), b["map"][i],
-                None if label == NO_LABEL else bool(label), None, None if math.isnan(normalized) else normalized))
-        yield predictions, failures
-
+    """Rows of scored batches as (predictions, failures); closing it closes ``batches`` (Ray Data's iterator
+    then stops the dataset's execution)."""
+    batches = iter(batches)
+    try:
+        for b in batches:
+            predictions, failures = [], []
+            for i in range(len(b["path"])):
+                path, error = str(b["path"][i]), str(b["error"][i])
+                if error:
+                    failures.append((path, error))
+                    continue
+                label, normalized = int(b["label"][i]), float(b["score_normalized"][i])
+                predictions.append(Prediction(
+                    Item(image=None, path=path, name=str(b["name"][i])), float(b["score"][i]), b["map"][i],
+                    None if label == NO_LABEL else bool(label), None, None if math.isnan(normalized) else normalized))
+            yield predictions, failures
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
