@@ -59,6 +59,9 @@ def main() -> int:
             worst[fmt][0] = max(worst[fmt][0], float((d[nonzero] / np.abs(exact[nonzero])).max()))
             worst[fmt][1] = max(worst[fmt][1], float(d.max()) / span)
             path.unlink()
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     print(f"{len(files)} maps from {maps}\n")
     print("| --maps | size (MB) | worst |d| / |x| | worst |d| / (max - min) |")
     print("|---|---|---|---|")

@@ -95,6 +95,23 @@ def test_ray_resume_scores_only_what_is_not_done(ray_cluster, model, tmp_path, c
     assert len(list((out / "maps").rglob("*.png"))) == 5 and json.loads((out / "run.json").read_text())["scored"] == 5
 
 
+def test_ray_runs_an_onnx_export_in_its_actors(ray_cluster, model, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'clad[onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'clad[onnx]')")
+    from clad.detectors.base import load_detector
+    from clad.export import export_onnx
+
+    exported = export_onnx(load_detector(model), tmp_path / "m.onnx")
+    inputs = tmp_path / "in"
+    _images(inputs, range(3))
+    common = ["predict", "--model", str(exported), "--runtime", "onnxruntime", "--input", str(inputs)]
+    assert main(common + ["--out", str(tmp_path / "local")]) == 0
+    assert main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray"]) == 0
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    assert [r["path"] for r in a] == [r["path"] for r in b] and [r["label"] for r in a] == [r["label"] for r in b]
+    np.testing.assert_allclose([float(r["score"]) for r in b], [float(r["score"]) for r in a], rtol=1e-6)
+
+
 def test_an_unreachable_address_is_one_clear_error(model, tmp_path):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
