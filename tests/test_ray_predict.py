@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,21 +81,31 @@ def test_ray_and_local_engines_write_the_same_outputs(ray_cluster, model, tmp_pa
         assert (ray / "predictions.parquet").is_file()
 
 
-def test_ray_resume_scores_only_what_is_not_done(ray_cluster, model, tmp_path, capsys):
+def test_ctrl_c_keeps_what_ray_scored_and_resume_with_ray_scores_the_rest(ray_cluster, model, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
-    _images(inputs, range(3))
-    common = ["predict", "--model", str(model), "--input", str(inputs), "--out", str(out), "--engine", "ray",
-              "--maps", "png16"]
-    assert main(common) == 0
-    first = _rows(out)
-    _images(inputs, range(3, 5))  # two more images since: a resumed run scores those only
-    capsys.readouterr()
-    assert main(common + ["--resume"]) == 0
-    said = capsys.readouterr().out
+    _images(inputs, range(24))
+    command = ["predict", "--model", str(model), "--input", str(inputs), "--out", str(out), "--engine", "ray",
+               "--maps", "png16", "--batch-size", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "clad.cli", *command, "--num-cpus", "1"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    unfinished, t0 = out / f".predictions.csv.{proc.pid}.tmp", time.monotonic()
+    while not (unfinished.is_file() and unfinished.read_text().count("\n") > 4):  # header + 2 batches
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 300, "timed out"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
     rows = _rows(out)
-    assert "predict: 2 image(s) scored" in said and "3 done before" in said
-    assert rows[:3] == first and len(rows) == len({r["path"] for r in rows}) == 5
-    assert len(list((out / "maps").rglob("*.png"))) == 5 and json.loads((out / "run.json").read_text())["scored"] == 5
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"clad: interrupted (SIGINT); {len(rows)} image(s) scored")
+    assert 4 <= len(rows) < 24 and json.loads((out / "run.json").read_text())["status"] == "incomplete"
+    assert main(command + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"predict: {24 - len(rows)} image(s) scored" in said and f"{len(rows)} done before" in said
+    after = _rows(out)
+    assert after[: len(rows)] == rows and len(after) == len({r["path"] for r in after}) == 24
+    assert len(list((out / "maps").rglob("*.png"))) == 24 and json.loads((out / "run.json").read_text())["scored"] == 24
 
 
 def test_ray_runs_an_onnx_export_in_its_actors(ray_cluster, model, tmp_path):
