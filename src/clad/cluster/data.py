@@ -41,13 +41,15 @@ NO_LABEL = -1  # the label column of a model without a threshold
 
 
 def model_files(model: str | Path, runtime: str = "torch") -> dict[str, bytes]:
-    """The bytes of a saved model, by file name: the regular files of a ``clad fit`` folder (torch), or an exported
-    ONNX file and its ``.data`` beside it (onnxruntime)."""
+    """The bytes of a saved model, by file name: the config and tensors of a ``clad fit`` folder (torch), or an
+    exported ONNX file and its ``.data`` beside it (onnxruntime)."""
+    from clad.detectors.base import CONFIG_FILE, STATE_FILE
+
     model = Path(model)
     if runtime == "onnxruntime":
         files = [model] + [f for f in [model.with_name(f"{model.name}.data")] if f.is_file()]
     else:
-        files = sorted(p for p in model.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = [model / CONFIG_FILE, model / STATE_FILE]
     return {f.name: f.read_bytes() for f in files}
 
 
