@@ -150,8 +150,8 @@ def main() -> int:
 
     print(f"\n{len(todo)} images, PatchCore ({args.shots} shots, default backbone), batch {args.batch_size}, maps "
           f"{args.maps}; load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| run | images/s | wall excl. start-up (s) | wall incl. start-up (s) | Ray start-up (s) | driver peak RSS (MB) "
-          "| maps (MB) |")
+    print("| run | images/s | wall excl. start-up (s) | wall incl. start-up (s) | Ray start-up (s) "
+          "| driver peak RSS (MB) | maps (MB) |")
     print("|---|---|---|---|---|---|---|")
     labels = {"local": "local engine (torch default threads)", "local-1t": "local engine, 1 thread",
               "ray-1": "ray, 1 CPU (1 actor)", "ray-2": "ray, 2 CPUs (2 actors)"}

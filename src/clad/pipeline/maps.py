@@ -2,7 +2,7 @@
 
     npy      float32 ``.npy`` at the image's own size (the default; what clad always wrote)
     float16  float16 ``.npy``: half the size; each value to 2**-11 of itself (3 significant digits)
-    png16    16-bit grayscale ``.png``: the map's [min, max] in 65,536 steps, compressed; min and max are kept
+    png16    16-bit grayscale ``.png`` (zlib level 1): the map's [min, max] in 65,536 steps; min and max are kept
              exactly (as JSON numbers, which round-trip a float32) in the PNG text chunk ``clad-map``, so
              ``read_map`` gives values within (max - min) / 131,070 of the float32 map
     none     no maps
@@ -60,7 +60,7 @@ def _write_png16(target: Path, amap: np.ndarray) -> None:
         q = np.zeros(amap.shape, np.uint16)
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps({"min": lo, "max": hi}))
-    Image.fromarray(q).save(target, pnginfo=info)
+    Image.fromarray(q).save(target, pnginfo=info, compress_level=1)  # level 6: ~3 % smaller, 3x the time
 
 
 def read_map(path: str | Path) -> np.ndarray:
