@@ -115,10 +115,11 @@ def cmd_fit(args) -> int:
 def cmd_predict(args) -> int:
     from clad.errors import DatasetError, SpecError
     from clad.pipeline import (ErrorLog, ErrorsCSV, ExplanationsJSON, HTMLReport, MapsNpy, Pipeline, PredictionsCSV,
-                               RunFolder, open_source)
+                               PredictionsParquet, RunFolder, open_source, parquet_available)
 
     if args.resume and args.report:
         raise SpecError("--resume cannot add to an HTML report (it needs every image at once); leave out --report")
+    ray = _ray_engine(args)
     det, digest = _load_for_runtime(args)
     if args.threshold is not None:
         det.set_threshold(args.threshold)
@@ -126,18 +127,20 @@ def cmd_predict(args) -> int:
     source = open_source(args.input)
     identity = {"model_sha256": digest, "input": os.path.abspath(args.input),
                 "threshold": threshold, "explain": bool(args.explain), "pixel_threshold": args.pixel_threshold,
-                "catalogue": args.catalogue and os.path.abspath(args.catalogue)}
+                "catalogue": args.catalogue and os.path.abspath(args.catalogue), "maps": args.maps}
     if args.runtime != "torch":  # only then: runs recorded before --runtime existed still resume
         identity["runtime"] = args.runtime
-    info = {"model": os.path.abspath(args.model), "detector": det.name}
-    with RunFolder(args.out, identity, info, resume=args.resume) as run, _hold_report(args.report, run.folder):
+    info = {"model": os.path.abspath(args.model), "detector": det.name, "engine": args.engine}
+    with RunFolder(args.out, identity, info, resume=args.resume, defaults={"maps": "npy"}) as run, \
+            _hold_report(args.report, run.folder):
         out = run.folder
         if run.interrupted_before and not args.resume:
             print(f"note: {out} holds an interrupted run; this run replaces it when it ends (--resume would go on "
                   "with it instead)", file=sys.stderr)
         ours = [out] + ([Path(os.path.abspath(args.report))] if args.report else [])
         todo = [e for e in run.todo(source) if not any(_inside(e.path, o) for o in ours)]
-        sinks = [MapsNpy(out / "maps", merge=args.resume), ErrorsCSV(out / "errors.csv"), ErrorLog()]
+        sinks = [MapsNpy(out / "maps", merge=args.resume, format=args.maps), ErrorsCSV(out / "errors.csv"),
+                 ErrorLog()]
         if args.explain:
             sinks.append(ExplanationsJSON(out / "explanations.json", append=args.resume))
         report = None
@@ -145,10 +148,22 @@ def cmd_predict(args) -> int:
             report = HTMLReport(args.report, title=f"clad predict: {det.name} on {args.input}", threshold=threshold)
             sinks.append(report)
         record = run.record()
-        sinks += [PredictionsCSV(out / "predictions.csv", labels=threshold is not None, append=args.resume), record]
-        pipeline = Pipeline(det, sinks, batch_size=args.batch_size, explainer=_explainer(det, args), progress=True)
+        sinks.append(PredictionsCSV(out / "predictions.csv", labels=threshold is not None, append=args.resume))
+        parquet = parquet_available()
+        if parquet:  # after the CSV: written from it at close
+            sinks.append(PredictionsParquet(out / "predictions.parquet", out / "predictions.csv"))
+        sinks.append(record)
         try:
-            summary = pipeline.run(todo)
+            if ray is None:
+                pipeline = Pipeline(det, sinks, batch_size=args.batch_size, explainer=_explainer(det, args),
+                                    progress=True)
+                summary = pipeline.run(todo)
+            else:
+                from clad.cluster.data import model_files, score_on_ray
+
+                stream = score_on_ray(ray, model_files(args.model, args.runtime), args.runtime, todo,
+                                      batch_size=args.batch_size, threshold=args.threshold)
+                summary = Pipeline(None, sinks, progress=True).deliver(stream, total=len(todo))
         except KeyboardInterrupt as e:
             doc = record.doc
             e.kept = (f"{doc['scored']} image(s) scored are kept in {Path(args.out) / 'predictions.csv'} with their maps; "
@@ -162,8 +177,11 @@ def cmd_predict(args) -> int:
         before = f", {len(run.done)} done before (the whole run: {doc['scored']} scored"
         before += f", {doc['flagged']} flagged)" if threshold is not None else ")"
     skipped = f"{summary.n_skipped} skipped" + (f" (reasons in {out / 'errors.csv'})" if summary.n_skipped else "")
+    maps = "no maps" if args.maps == "none" else f"maps ({args.maps}) in {out / 'maps'}"
     print(f"predict: {summary.n_scored} image(s) scored{flagged}, {skipped}{before}, in {summary.seconds:.1f} s "
-          f"-> {out / 'predictions.csv'}, maps in {out / 'maps'}")
+          f"-> {out / 'predictions.csv'}, {maps}")
+    if not parquet:
+        print("note: predictions.parquet not written: it needs pyarrow (pip install pyarrow)", file=sys.stderr)
     if args.explain:
         print(f"explanations -> {out / 'explanations.json'}")
     if report is not None and report.page is not None:
@@ -171,6 +189,22 @@ def cmd_predict(args) -> int:
     if not doc["scored"]:
         raise DatasetError(f"{args.input}: no image could be scored; the reasons are in {out / 'errors.csv'}")
     return 0
+
+
+def _ray_engine(args):
+    """The ``ray`` module connected to the cluster of ``--engine ray`` (None for the local engine)."""
+    from clad.errors import SpecError
+
+    if args.engine != "ray":
+        if args.address is not None or args.num_cpus is not None:
+            raise SpecError("--address and --num-cpus choose the Ray cluster of --engine ray; add --engine ray")
+        return None
+    if args.explain or args.report:
+        raise SpecError("--explain and --report need the local engine (they use the decoded images and the "
+                        "detector's features in this process); leave them out, or use --engine local")
+    from clad.cluster import connect
+
+    return connect(args.address, args.num_cpus)
 
 
 def _load_for_runtime(args):
@@ -429,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the run ends; one run at a time writes into an --out folder.")
     p.add_argument("--model", required=True, help="folder written by `clad fit`")
     p.add_argument("--input", required=True, help="an image, a folder of images (searched recursively) or a CSV file with a path column")
-    p.add_argument("--out", required=True, help="output folder: predictions.csv, errors.csv, maps/<input path>.npy, "
+    p.add_argument("--out", required=True, help="output folder: predictions.csv and .parquet, errors.csv, maps/<input path>.npy, "
                    "run.json (the model, settings and counts of the run)")
     p.add_argument("--resume", action="store_true", help="go on with the interrupted run in --out (same model, input "
                    "and settings): images already in its predictions.csv are not scored again")
@@ -443,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="torch (default: --model is a folder written by `clad fit`) or onnxruntime (--model is a file "
                         "written by `clad export`; needs pip install onnxruntime)")
+    p.add_argument("--maps", choices=("npy", "float16", "png16", "none"), default="npy",
+                   help="anomaly maps: npy (default, float32 .npy at the image's size), float16 (.npy, half the size), "
+                        "png16 (16-bit PNG with its value range, smallest), none; clad.pipeline.read_map reads each")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default: this process) or ray (Ray Data on a Ray cluster: needs pip install -e "
+                        "'.[cluster]'; the input must be readable at the same path on every node)")
+    p.add_argument("--address", help="--engine ray: the cluster to join, auto (the one `ray start --head` started "
+                   "here) or HOST:PORT; without it, a local cluster for this run only")
+    p.add_argument("--num-cpus", type=POSITIVE, help="--engine ray without --address: CPUs of the local cluster "
+                   "(default: all of this machine's)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a saved model to ONNX (the backbone and the scoring in one graph)",

@@ -9,6 +9,7 @@ when a run is interrupted (``outputs``); a run folder records what made them and
 (``runs``).
 """
 from clad.pipeline.flow import Pipeline, Prefetcher, Summary
+from clad.pipeline.maps import MAP_FORMATS, read_map, write_map
 from clad.pipeline.outputs import (Staging, atomic_write, folder_digest, output_lock, stop_on_signals,
                                    uninterrupted)
 from clad.pipeline.runs import RunFolder, read_done
@@ -21,8 +22,11 @@ from clad.pipeline.sinks import (
     HTMLReport,
     MapsNpy,
     PredictionsCSV,
+    PredictionsParquet,
     RunRecord,
     Sink,
+    parquet_available,
+    write_parquet,
 )
 from clad.pipeline.sources import (Entry, LabelledEntry, Unusable, from_dataset, from_folder, from_manifest, from_paths,
                                    open_source)
@@ -36,9 +40,11 @@ __all__ = [
     "FileSink",
     "HTMLReport",
     "LabelledEntry",
+    "MAP_FORMATS",
     "MapsNpy",
     "Pipeline",
     "PredictionsCSV",
+    "PredictionsParquet",
     "Prefetcher",
     "RunFolder",
     "RunRecord",
@@ -54,7 +60,11 @@ __all__ = [
     "from_paths",
     "open_source",
     "output_lock",
+    "parquet_available",
+    "read_map",
     "read_done",
     "stop_on_signals",
     "uninterrupted",
+    "write_map",
+    "write_parquet",
 ]

@@ -164,36 +164,56 @@ class Pipeline:
         out of reach of an interruption (``outputs.uninterrupted``); a sink's ``write`` of a batch comes after
         those of the sinks before it, so the last sink records only what the others finished.
         """
-        summary, t0 = Summary(), time.perf_counter()
+        summary = Summary()
         decoder = _Decoder(source, self.batch_size)
         batches = Prefetcher(decoder, self.prefetch) if self.prefetch else decoder
+
+        def predicted() -> Iterator[tuple[list[Prediction], list[tuple[str, str]]]]:
+            for items, failures in batches:
+                yield (self._predict(items, summary) if items else []), failures
+
+        def stop() -> None:
+            if isinstance(batches, Prefetcher):
+                batches.close()
+            summary.decode_seconds = decoder.seconds
+
         total = len(source) if hasattr(source, "__len__") else None
+        return self._deliver(predicted(), total, summary, stop)
+
+    def deliver(self, stream: Iterable[tuple[list[Prediction], list[tuple[str, str]]]],
+                total: int | None = None) -> Summary:
+        """Hand batches predicted elsewhere (another engine: ``clad.cluster.data``) to the sinks as ``run`` does:
+        ``stream`` yields (predictions, [(path, error)] of the files that could not be used); its ``close``, when
+        it has one, is called when the run ends or stops. total: the images to come, for the progress bar."""
+        close = getattr(stream, "close", None)
+        return self._deliver(iter(stream), total, Summary(), close)
+
+    def _deliver(self, stream: Iterator, total: int | None, summary: Summary, stop=None) -> Summary:
+        t0 = time.perf_counter()
         opened = []
         try:
             for sink in self.sinks:
                 sink.open()
                 opened.append(sink)
             with tqdm(total=total, desc="predict", unit="image", disable=not self.progress, leave=False) as bar:
-                for items, failures in batches:
+                for batch, failures in stream:
                     for path, error in failures:
                         for sink in self.sinks:
                             sink.write_error(path, error)
                     summary.n_skipped += len(failures)
-                    if items:
-                        batch = self._predict(items, summary)
+                    if batch:
                         for sink in self.sinks:
                             sink.write(batch)
-                        summary.n_scored += len(items)
+                        summary.n_scored += len(batch)
                         summary.n_flagged += sum(p.label is True for p in batch)
-                    bar.update(len(items) + len(failures))
+                    bar.update(len(batch) + len(failures))
         except BaseException as e:
             summary.error = e
             raise
         finally:
             with uninterrupted():
-                if isinstance(batches, Prefetcher):
-                    batches.close()
-                summary.decode_seconds = decoder.seconds
+                if stop is not None:
+                    stop()
                 summary.seconds = time.perf_counter() - t0
                 _close(opened, summary)
         return summary

@@ -40,12 +40,14 @@ class RunFolder:
     more to record. ``previous`` is the record (``run.json``) found there, if any. With ``resume``, ``done`` holds
     the paths the previous run finished (the ``path`` column of ``done_file``, made absolute from the working
     folder it ran in) and ``todo`` leaves them out; a folder without a record, or whose record has another
-    identity, is refused (OutputError).
+    identity, is refused (OutputError). defaults: the value of an identity key in a record written before that
+    key existed (e.g. {"maps": "npy"}), so that such a run still resumes.
     """
 
     def __init__(self, folder: str | Path, identity: dict, info: dict | None = None, resume: bool = False,
-                 done_file: str = "predictions.csv", what: str = "--out"):
+                 done_file: str = "predictions.csv", what: str = "--out", defaults: dict | None = None):
         self.folder, self.resume, self.done_file, self.what = Path(folder), resume, done_file, what
+        self.defaults = dict(defaults or {})
         self.identity = json.loads(json.dumps(identity))  # as it reads back from run.json (tuples -> lists)
         self.info = dict(info or {}, cwd=os.getcwd())  # what relative paths in the outputs are relative to
         self.previous: dict | None = None
@@ -75,7 +77,7 @@ class RunFolder:
         if self.previous is None:
             raise OutputError(f"--resume: {self.folder} holds no run to resume (no readable {RECORD})")
         for key, value in self.identity.items():
-            old = self.previous.get(key)
+            old = self.previous.get(key, self.defaults.get(key))
             if old != value:
                 if key.endswith("sha256"):  # a digest: its first digits tell them apart
                     old, value = f"{str(old)[:12]}...", f"{str(value)[:12]}..."

@@ -22,6 +22,7 @@ from typing import IO, Callable, Protocol, Sequence
 import numpy as np
 
 from clad.errors import DatasetError, OutputError
+from clad.pipeline.maps import check_format, write_map
 from clad.pipeline.outputs import Staging, atomic_write, replace_file, temporary_name
 from clad.types import Prediction
 
@@ -119,6 +120,52 @@ class PredictionsCSV(FileSink):
         self.fh.flush()
 
 
+class PredictionsParquet(BaseSink):
+    """``predictions.parquet``: the rows of the predictions CSV at ``csv_path``, typed (path and label strings,
+    scores float64, an empty normalised score null), written from the final CSV when the run closes, through a
+    temporary file renamed over it: so it always holds what the CSV holds, after an interruption and a resume too.
+    Put it after the ``PredictionsCSV`` it reads. Needs pyarrow (``parquet_available``)."""
+
+    def __init__(self, path: str | Path, csv_path: str | Path):
+        self.path, self.csv_path = Path(path), Path(csv_path)
+
+    def close(self, summary) -> None:
+        if summary.kept and self.csv_path.is_file():
+            write_parquet(self.csv_path, self.path)
+
+
+def parquet_available() -> bool:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_parquet(csv_path: Path, path: Path) -> Path:
+    """The predictions CSV ``csv_path`` as Parquet at ``path`` (atomically), its score columns as float64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(csv_path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None) or []
+        columns = list(zip(*reader)) or [()] * len(header)
+    arrays = []
+    for name, values in zip(header, columns):
+        if name.startswith("score"):
+            arrays.append(pa.array([float(v) if v != "" else None for v in values], pa.float64()))
+        else:
+            arrays.append(pa.array(list(values), pa.string()))
+    tmp = temporary_name(path)
+    try:
+        pq.write_table(pa.Table.from_arrays(arrays, names=header), tmp)
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 class ErrorsCSV(FileSink):
     """``path,error`` per file that could not be used."""
 
@@ -142,35 +189,43 @@ class ErrorLog(BaseSink):
 
 
 class MapsNpy(BaseSink):
-    """Each anomaly map as float32 ``<folder>/<item.name>.npy``: the image's path relative to the source's root,
+    """Each anomaly map as ``<folder>/<item.name><suffix>``: the image's path relative to the source's root,
     extension included (``maps/sub/img.tiff.npy``), so every image has its own map and the name leads back to it.
 
-    The folder is built in a staging folder and replaces the previous one at close; merge (a resumed run): the
-    new maps join the previous folder's instead.
+    format: ``clad.pipeline.maps.MAP_FORMATS``: "npy" float32 ``.npy`` (default), "float16" ``.npy``, "png16"
+    16-bit ``.png`` with its value range (``read_map`` reads each back), "none" no folder (a previous one is
+    removed at close, as any output this run does not make). The folder is built in a staging folder and replaces
+    the previous one at close; merge (a resumed run): the new maps join the previous folder's instead.
     """
 
-    def __init__(self, folder: str | Path, merge: bool = False):
-        self.folder, self.merge = Path(folder), merge
+    def __init__(self, folder: str | Path, merge: bool = False, format: str = "npy"):
+        self.folder, self.merge, self.format = Path(folder), merge, check_format(format)
 
     def open(self) -> None:
         self.staging = Staging(self.folder.parent, self.folder.name)
         self.root = self.staging.open() / self.folder.name
-        self.root.mkdir()
+        if self.format != "none":
+            self.root.mkdir()
 
     def write(self, batch: Sequence[Prediction]) -> None:
+        if self.format == "none":
+            return
         for p in batch:
             name = PurePosixPath(p.item.name)
             if name.is_absolute() or ".." in name.parts or not name.parts:
                 raise DatasetError(f"{p.path}: its name {p.item.name!r} is not a relative path inside the source")
-            target = self.root / f"{name}.npy"
+            target = self.root / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, p.anomaly_map.astype(np.float32))
+            write_map(target, p.anomaly_map, self.format)
 
     def close(self, summary) -> None:
         if not summary.kept:
             self.staging.discard()
         elif self.merge and self.folder.is_dir():
-            self.staging.merge(self.folder.name)
+            if self.format == "none":
+                self.staging.discard()
+            else:
+                self.staging.merge(self.folder.name)
         else:
             self.staging.publish([self.folder.name])
 
