@@ -15,6 +15,11 @@ from clad.cluster import cluster_cpus, connect
 from clad.errors import SpecError
 
 
+def _call(fn: Callable, *args):
+    """The one remote function: ``fn`` travels as an argument, so it may be any importable callable."""
+    return fn(*args)
+
+
 class RayGrid:
     """A connection to a Ray cluster (``clad.cluster.connect``) for running tasks of ``cpus_per_task`` CPUs.
 
@@ -50,8 +55,8 @@ class RayGrid:
         early also cancels what is left.
         """
         ray = self.ray
-        remote = ray.remote(fn).options(num_cpus=self.cpus_per_task, max_retries=0)
-        index = {remote.remote(*args): k for k, args in enumerate(tasks)}
+        remote = ray.remote(_call).options(num_cpus=self.cpus_per_task, max_retries=0)
+        index = {remote.remote(fn, *args): k for k, args in enumerate(tasks)}
         waiting = list(index)
         try:
             while waiting:
