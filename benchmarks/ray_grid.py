@@ -17,9 +17,10 @@ process with torch's default threads (``local:N``: N threads). For each engine i
 - overhead: grid wall - Σ run / min(N, tasks) for Ray: what the grid costs beyond its runs spread evenly over the
   workers (worker start, scheduling, moving records back, and any imbalance between the workers' shares);
 - task round trip: the mean of 20 sequential no-op tasks on the warm cluster, after the grid;
-- the largest relative difference between any figure or score of a record and the first engine's record of that
-  run, timing, memory and environment left out: 0 where both ran with the same torch threads; a 2-thread local run
-  and a 1-thread task may differ in the last digits of the pixel metrics (sums in another order).
+- the largest relative difference between any figure or score of a record and another engine's record of that
+  run (the first engine with as many torch threads per run, else the first engine), timing, memory and environment
+  left out: 0 at the same threads; a 2-thread local run and a 1-thread task may differ in the last digits of the
+  pixel metrics (sums in another order).
 
 The load average is printed before and after each engine: the figures compare only within one invocation.
 """
@@ -133,7 +134,10 @@ def main(argv=None) -> int:
     for engine in args.engines.split(","):
         folder = root / engine.replace(":", "")
         row = run_engine(engine, args, folder)
-        reference = rows[0]["records"] if rows else row["records"]
+        # compared with the first engine that ran its runs on as many torch threads, else with the first engine
+        same = [r for r in rows if r["threads"] == row["threads"]]
+        reference_row = (same or rows or [row])[0]
+        reference, row["compared_with"] = reference_row["records"], reference_row["engine"]
         row["difference"] = max((largest_difference(comparable(a), comparable(b))
                                  for a, b in zip(row["records"], reference, strict=True)), default=0.0)
         rows.append(row)
@@ -141,12 +145,12 @@ def main(argv=None) -> int:
               f"load {row['load'][0]:.2f} -> {row['load'][1]:.2f}", flush=True)
 
     print("\n| engine | CPUs | torch threads / run | cluster start-up s | grid wall s | Σ run s | Ray overhead s "
-          "| task round trip ms | runs (failed) | largest difference from the first engine's records | load before -> after |")
+          "| task round trip ms | runs (failed) | largest difference (from) | load before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['cpus'] or os.cpu_count()} | {','.join(map(str, r['threads']))} "
               f"| {fmt(r['startup_s'])} | {r['wall_s']:.1f} | {r['run_sum_s']:.1f} | {fmt(r.get('overhead_s'))} "
-              f"| {fmt(r.get('task_ms'))} | {r['runs']} ({r['failed']}) | {'none' if r['difference'] == 0 else format(r['difference'], '.1e')} "
+              f"| {fmt(r.get('task_ms'))} | {r['runs']} ({r['failed']}) | {'none' if r['difference'] == 0 else format(r['difference'], '.1e')} ({r['compared_with']}) "
               f"| {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in rows],

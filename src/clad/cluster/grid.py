@@ -23,7 +23,9 @@ def _call(fn: Callable, *args):
 class RayGrid:
     """A connection to a Ray cluster (``clad.cluster.connect``) for running tasks of ``cpus_per_task`` CPUs.
 
-    A cluster started here (no address, not yet connected) is shut down by ``close``; a joined one is left.
+    ``close`` ends the connection made here, if one was (a local cluster started here stops with it; a cluster
+    joined with ``address`` goes on); a connection that was already open is left as it is. ``cpus_per_task``
+    more than any node has is an error now rather than a task that waits for ever.
     """
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: int = 1):
@@ -88,7 +90,7 @@ class RayGrid:
                 pass
 
     def close(self) -> None:
-        """Shut down the cluster if this object started it."""
+        """End the connection if this object made it."""
         if self._owned and self.ray.is_initialized():
             self.ray.shutdown()
         self._owned = False
