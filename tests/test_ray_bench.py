@@ -149,3 +149,35 @@ def test_bad_engine_options_are_one_error_line(synth, ray_cluster, tmp_path, cap
     assert "are for --engine ray" in capsys.readouterr().err
     assert main([*base, "--engine", "ray", "--cpus-per-run", "3"]) == 2
     assert "no node of the Ray cluster has that many CPUs" in capsys.readouterr().err
+
+
+def test_sigterm_cancels_the_tasks_keeps_finished_runs_and_writes_the_tables(synth, tmp_path):
+    """Through the command, on a local cluster it starts: ray.init's own SIGTERM handling (exit, abort) is undone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "clad.cli", "bench", "--data", f"mvtec:{synth}", "--categories", "tile",
+           "--detectors", KNN, "--runs", "8", "--out", str(out), "--no-plots", "--engine", "ray", "--num-cpus", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):  # the first run's record (at most 2 minutes)
+            if proc.poll() is not None or any((out / "runs").glob("*.json")):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output
+    kept = len(list((out / "runs").glob("*.json")))
+    assert 1 <= kept < 8
+    assert "the bench was interrupted" in (out / "report.md").read_text()
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == kept
