@@ -151,8 +151,9 @@ def test_bad_engine_options_are_one_error_line(synth, ray_cluster, tmp_path, cap
     assert "no node of the Ray cluster has that many CPUs" in capsys.readouterr().err
 
 
-def test_sigterm_cancels_the_tasks_keeps_finished_runs_and_writes_the_tables(synth, tmp_path):
-    """Through the command, on a local cluster it starts: ray.init's own SIGTERM handling (exit, abort) is undone."""
+def test_sigterm_cancels_the_tasks_keeps_finished_runs_and_writes_the_tables(synth, ray_cluster, tmp_path):
+    """Through the command, joining this module's cluster: ray.init's own SIGTERM handling (exit, abort) is undone.
+    (The cancelling of tasks still running: ``test_an_interrupt_keeps_finished_results_and_cancels_the_rest``.)"""
     import os
     import signal
     import subprocess
@@ -163,7 +164,8 @@ def test_sigterm_cancels_the_tasks_keeps_finished_runs_and_writes_the_tables(syn
     src = Path(__file__).resolve().parents[1] / "src"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "clad.cli", "bench", "--data", f"mvtec:{synth}", "--categories", "tile",
-           "--detectors", KNN, "--runs", "8", "--out", str(out), "--no-plots", "--engine", "ray", "--num-cpus", "1"]
+           "--detectors", KNN, "--runs", "8", "--out", str(out), "--no-plots", "--engine", "ray",
+           "--address", ray_cluster.get_runtime_context().gcs_address]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(600):  # the first run's record (at most 2 minutes)
