@@ -7,8 +7,8 @@
 
 One invocation runs the same grid (``clad bench``'s ``run_bench``) with each engine of ``--engines``, each into a
 fresh bench folder (nothing cached) and, for Ray, on a fresh local cluster of N CPUs (``ray:N``; each run a task of
-``--cpus-per-run`` CPUs and as many torch threads). The local engine runs the cells one after another in this
-process with torch's default threads (``local:N``: N threads). For each engine it prints:
+``--cpus-per-run`` CPUs and as many threads, torch's and numpy's BLAS's). The local engine runs the cells one after another in this
+process with torch's default threads (``local:N``: N threads, torch's and numpy's BLAS's). For each engine it prints:
 
 - start-up: ``clad.cluster.connect`` starting the local cluster (Ray only);
 - grid wall: ``run_bench`` from the call to its return (planning, every run, results.json and report.md); for Ray
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -91,11 +92,14 @@ def run_engine(engine: str, args, folder: Path) -> dict:
         ray = connect(num_cpus=cpus)
         startup = time.perf_counter() - t0
         kwargs = dict(engine="ray", cpus_per_run=args.cpus_per_run)
+    limits = threadpool_limits(torch.get_num_threads()) if engine.startswith("local:") else None  # numpy's BLAS too
     t0 = time.perf_counter()
     summary = run_bench(folder, args.data, args.categories, args.detectors, args.shots, args.runs,
                         progress=False, plots=False, **kwargs)
     wall = time.perf_counter() - t0
     torch.set_num_threads(threads)
+    if limits is not None:
+        limits.restore_original_limits()
     busy = sum(r.get("seconds") or 0 for r in summary["records"])
     row = {"engine": engine, "cpus": cpus, "startup_s": startup, "wall_s": wall, "run_sum_s": busy,
            "runs": summary["ran"], "failed": summary["failed"], "records": summary["records"],

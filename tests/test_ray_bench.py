@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 pytest.importorskip("ray")
 
@@ -59,10 +60,13 @@ def test_local_and_ray_engines_give_the_same_records_and_a_rerun_is_cached(synth
     # 4 Ray tasks (one per fit)
     args = dict(data=f"mvtec:{synth}", categories="tile", detectors=f"{KNN},{PADIM}", shots="1", runs=2,
                 progress=False, plots=False, corruptions="gaussian_noise:2")
+    # with a task's one thread (torch's, and numpy's BLAS: Ray sets OMP_NUM_THREADS=1 in the task): another thread
+    # count may change the pixel metrics' last digits
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a task's one CPU: another thread count may change the pixel metrics' last digits
+    torch.set_num_threads(1)
     try:
-        local = bench.run_bench(tmp_path / "local", **args)
+        with threadpool_limits(1):
+            local = bench.run_bench(tmp_path / "local", **args)
     finally:
         torch.set_num_threads(threads)
     ray = bench.run_bench(tmp_path / "ray", engine="ray", **args)

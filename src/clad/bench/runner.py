@@ -183,7 +183,8 @@ _WORKER_TESTS: _TestSplits | None = None  # a Ray worker's last decoded test spl
 
 def run_group(runs: Sequence[tuple[int, Run]], known_backbone_times: dict, batch_size: int,
               pixel_eval_size: int | None, threads: int | None = None) -> dict:
-    """One Ray task: ``run_runs`` over one ``fit_groups`` group, with ``threads`` torch threads (its CPUs).
+    """One Ray task: ``run_runs`` over one ``fit_groups`` group, with ``threads`` threads (its CPUs) for torch and
+    for numpy's BLAS.
 
     Test splits: each worker process keeps the last one it decoded (tasks go out category-major, so a worker
     mostly meets the same category again), decoding another when a task brings another category. The records
@@ -194,6 +195,7 @@ def run_group(runs: Sequence[tuple[int, Run]], known_backbone_times: dict, batch
     import tempfile
 
     import torch
+    from threadpoolctl import threadpool_limits
 
     global _WORKER_TESTS
     if threads:
@@ -201,7 +203,7 @@ def run_group(runs: Sequence[tuple[int, Run]], known_backbone_times: dict, batch
     if _WORKER_TESTS is None:
         _WORKER_TESTS = _TestSplits()
     cache = {Path(name).stem: doc for name, doc in known_backbone_times.items()}
-    with tempfile.TemporaryDirectory(prefix="clad-bench-") as tmp:
+    with threadpool_limits(threads), tempfile.TemporaryDirectory(prefix="clad-bench-") as tmp:
         records = list(run_runs(runs, _WORKER_TESTS, cache, Path(tmp), batch_size, pixel_eval_size, machine()))
         measured = {p.name: read_json(p) for p in Path(tmp).glob("*.json")}
     return {"records": records, "backbone_times": measured}
