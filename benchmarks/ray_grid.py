@@ -7,8 +7,9 @@
 
 One invocation runs the same grid (``clad bench``'s ``run_bench``) with each engine of ``--engines``, each into a
 fresh bench folder (nothing cached) and, for Ray, on a fresh local cluster of N CPUs (``ray:N``; each run a task of
-``--cpus-per-run`` CPUs and as many threads, torch's and numpy's BLAS's). The local engine runs the cells one after another in this
-process with torch's default threads (``local:N``: N threads, torch's and numpy's BLAS's). For each engine it prints:
+``--cpus-per-run`` CPUs and as many threads, torch's and numpy's BLAS's). The local engine runs the cells one after
+another in this process with the default threads (``local:N``: N threads, torch's and numpy's BLAS's). For each
+engine it prints:
 
 - start-up: ``clad.cluster.connect`` starting the local cluster (Ray only);
 - grid wall: ``run_bench`` from the call to its return (planning, every run, results.json and report.md); for Ray
