@@ -153,9 +153,10 @@ def main(argv=None) -> int:
           "| task round trip ms | runs (failed) | largest difference (from) | load before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        diff = "none" if r["difference"] == 0 else format(r["difference"], ".1e")
         print(f"| {r['engine']} | {r['cpus'] or os.cpu_count()} | {','.join(map(str, r['threads']))} "
               f"| {fmt(r['startup_s'])} | {r['wall_s']:.1f} | {r['run_sum_s']:.1f} | {fmt(r.get('overhead_s'))} "
-              f"| {fmt(r.get('task_ms'))} | {r['runs']} ({r['failed']}) | {'none' if r['difference'] == 0 else format(r['difference'], '.1e')} ({r['compared_with']}) "
+              f"| {fmt(r.get('task_ms'))} | {r['runs']} ({r['failed']}) | {diff} ({r['compared_with']}) "
               f"| {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in rows],

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-cpus", type=POSITIVE, help="with --engine ray and no --address: the local cluster's "
                    "CPUs (default: all of this machine's)")
     p.add_argument("--cpus-per-run", type=POSITIVE, default=1,
-                   help="with --engine ray: CPUs (and torch threads) each task declares (default 1)")
+                   help="with --engine ray: CPUs (and threads) each task declares (default 1)")
     p.add_argument("--rating-sheet", metavar="DIR", help="write a blind human-rating sheet to DIR instead")
     p.add_argument("--n-images", type=POSITIVE, default=20, help="defective images per category in the sheet (default 20)")
     p.add_argument("--seed", type=NATURAL, default=0, help="seed of the rating sheet's references and images (default 0)")
