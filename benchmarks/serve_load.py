@@ -14,7 +14,8 @@
    server's peak RSS so far (VmHWM of its process). Each level stops after ``--max-seconds``.
 4. Crash check: 16 clients post images; after ``--kill-after`` acknowledged (201) inspections the server gets
    SIGKILL; it is started again on the same history, every acknowledged id must be there (GET 200 with the same
-   score), and SQLite's ``PRAGMA integrity_check`` must answer ok.
+   score), and SQLite's ``PRAGMA integrity_check`` must answer ok (``--no-crash-check``: skipped, e.g. for
+   ``--serve-args "--engine ray --replicas 2"``, whose SIGKILLed driver would leave its cluster behind).
 
 Prints a markdown table and the load average of the machine (``os.getloadavg``) before and after.
 """
@@ -45,11 +46,26 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """The peak RSS (VmHWM) of ``pid`` and every process below it (``--engine ray``: the cluster and its
+    replicas), summed."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    children.setdefault(int(fh.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")), 0) / 1024
+        except OSError:
+            pass
+    return total or float("nan")
 
 
 def cli_images_per_second(model: Path, images: Path, out: Path) -> tuple[float, float]:
@@ -114,6 +130,7 @@ def main() -> int:
     ap.add_argument("--kill-after", type=int, default=40, help="crash check: SIGKILL after this many 201s")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     ap.add_argument("--serve-args", default="", help="more arguments for clad serve, e.g. '--max-batch 8'")
+    ap.add_argument("--no-crash-check", action="store_true", help="measure the levels only")
     args = ap.parse_args()
     load_before = os.getloadavg()
     work = Path(args.work or tempfile.mkdtemp(prefix="clad_serve_load_"))
@@ -170,6 +187,9 @@ def run(args, work: Path, load_before) -> int:
     finally:
         server.stop()
 
+    if args.no_crash_check:
+        print_table(args, model, sources, payloads, cli_ips, rows, load_before)
+        return 0
     # crash check: SIGKILL under load, restart, every acknowledged inspection must be there
     server = Server(serve_args)
     server.wait_ready()
@@ -191,10 +211,19 @@ def run(args, work: Path, load_before) -> int:
     integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
     db.close()
 
+    print_table(args, model, sources, payloads, cli_ips, rows, load_before)
+    print(f"Crash check: SIGKILL after {len(acked)} acknowledged inspection(s) (errors while killing: "
+          f"{crash['errors'] or 'none'}); after the restart {len(acked) - len(missing)} of {len(acked)} are in the "
+          f"history with their scores ({total} rows in all); PRAGMA integrity_check: {integrity}.")
+    return 0 if not missing and integrity == "ok" else 1
+
+
+def print_table(args, model, sources, payloads, cli_ips, rows, load_before) -> None:
     load_after = os.getloadavg()
     print()
     print(f"Model {model.name} ({model}); {args.n} images per level ({len(sources)} distinct, "
-          f"{payloads[0][1]}, {sum(len(p[0]) for p in payloads) // len(payloads) // 1024} KiB on average).")
+          f"{payloads[0][1]}, {sum(len(p[0]) for p in payloads) // len(payloads) // 1024} KiB on average); "
+          f"clad serve {args.serve_args or '(defaults)'}.")
     print()
     print("| run | images | images/s | p50 ms | p95 ms | p99 ms | errors | server peak RSS MiB | of the CLI's images/s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -202,12 +231,8 @@ def run(args, work: Path, load_before) -> int:
     for row in rows:
         print("| " + " | ".join(str(v) for v in row) + " |")
     print()
-    print(f"Crash check: SIGKILL after {len(acked)} acknowledged inspection(s) (errors while killing: "
-          f"{crash['errors'] or 'none'}); after the restart {len(acked) - len(missing)} of {len(acked)} are in the "
-          f"history with their scores ({total} rows in all); PRAGMA integrity_check: {integrity}.")
     print(f"Load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
           f"{tuple(round(v, 2) for v in load_after)}; {os.cpu_count()} CPU(s).")
-    return 0 if not missing and integrity == "ok" else 1
 
 
 if __name__ == "__main__":

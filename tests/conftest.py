@@ -50,3 +50,47 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from clad.backbones.clip import build_random_clip
 
     return build_random_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+# -- the station's history on SQLite and PostgreSQL ---------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (``pg_helpers.PostgresServer``), or a skip saying why there is
+    none; under CI (CI=true) a missing PostgreSQL fails instead, so that its tests cannot silently vanish."""
+    import importlib.util
+    import os
+
+    from pg_helpers import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    missing = ("PostgreSQL is not installed (no initdb: apt-get install postgresql)" if bindir is None else
+               "psycopg is not installed (pip install -e '.[cluster]')" if importlib.util.find_spec("psycopg") is None
+               else None)
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{missing}; CI runs the PostgreSQL tests", pytrace=False)
+        pytest.skip(missing)
+    server = PostgresServer(bindir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def history_url(request, tmp_path_factory):
+    """``history_url(backend)``: the URL of a new, empty history database, "sqlite" (a file in a fresh folder) or
+    "postgresql" (a database of the session's server named after the test module and a counter)."""
+    import re
+
+    count = iter(range(1000))
+    module = re.sub(r"[^a-z0-9_]", "_", request.module.__name__.rsplit(".", 1)[-1].lower())[:40]
+
+    def make(backend: str) -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path_factory.mktemp('history') / 'station.db'}"
+        if backend == "postgresql":
+            return request.getfixturevalue("postgres").create_database(f"{module}_{next(count)}")
+        raise ValueError(f"backend {backend!r}")
+
+    return make

@@ -1,6 +1,7 @@
 """``clad serve``: the HTTP API against a real uvicorn process on 127.0.0.1 (a free port), with httpx, on tiny
 models fitted here. One station (`station`) serves most tests: two models, an API key, a queue of one, a small
-body limit; another (`restartable`) is stopped and started again on the same history."""
+body limit; another is stopped and started again on the same history. Every test that touches the history runs on
+each backend (`backend`): SQLite and a real PostgreSQL server (the `postgres` fixture)."""
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ GOOD = png_bytes(texture((64, 64), 11))
 BAD = png_bytes(plant_square(texture((64, 64), 12), 20, 20, 14)[0])
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, backend) -> dict[str, Path]:
+    """Fitted per backend: the versions a station makes live in the model folders."""
     import clad
 
     root = tmp_path_factory.mktemp("models")
@@ -48,12 +55,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def station(models, tmp_path_factory):
+def station(models, backend, history_url, tmp_path_factory):
     data = tmp_path_factory.mktemp("station")
     key_file = data / "key.txt"
     key_file.write_text(KEY + "\n")
     server = Server([str(models["knn"]), str(models["spade"]), "--data-dir", str(data / "station"),
-                     "--api-key-file", str(key_file), "--queue", "1", "--max-batch", "1", "--max-body-mb", "0.05"])
+                     "--db", history_url(backend), "--api-key-file", str(key_file), "--queue", "1",
+                     "--max-batch", "1", "--max-body-mb", "0.05"])
     try:
         server.wait_ready()
         with httpx.Client(base_url=server.url + "/api/v1", headers={"X-API-Key": KEY}, timeout=60) as client:
@@ -335,9 +343,11 @@ def test_the_web_app_and_the_api_docs_are_served(station):
 
 
 # -- durability -------------------------------------------------------------------------------------------------
-def test_history_survives_a_restart_in_wal_mode_and_batches_gather(models, tmp_path):
-    data = tmp_path / "station"
-    args = [str(models["knn"]), "--data-dir", str(data), "--max-batch", "8", "--max-wait-ms", "300",
+def test_history_survives_a_restart_in_wal_mode_and_batches_gather(models, backend, history_url, tmp_path):
+    import sqlalchemy as sa
+
+    data, url = tmp_path / "station", history_url(backend)
+    args = [str(models["knn"]), "--data-dir", str(data), "--db", url, "--max-batch", "8", "--max-wait-ms", "300",
             "--store-images", "none"]
     server = Server(args)
     try:
@@ -360,11 +370,17 @@ def test_history_survives_a_restart_in_wal_mode_and_batches_gather(models, tmp_p
         assert httpx.get(f"{server.url}/api/v1/inspections/{first[1]['id']}/heatmap.png").status_code == 200
     finally:
         assert server.stop() in (0, 130)
-    db = sqlite3.connect(data / "station.db")
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
-    assert db.execute("SELECT count(*) FROM inspections").fetchone()[0] == len(first)
-    db.close()
+    password = sa.engine.make_url(url).password
+    assert "history " in server.log and (password is None or password not in server.log)  # hidden: ***
+    if backend == "sqlite":
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(sa.text("SELECT count(*) FROM inspections")).scalar() == len(first)
+    engine.dispose()
     again = Server(args)
     try:
         again.wait_ready()
@@ -379,27 +395,42 @@ def test_history_survives_a_restart_in_wal_mode_and_batches_gather(models, tmp_p
 
 
 # -- in-process: the schema, retention, the command line ----------------------------------------------------------
-def test_migrations_create_the_schema_of_the_orm_from_an_empty_database(tmp_path):
+def test_migrations_create_the_schema_of_the_orm_from_an_empty_database(backend, history_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
     from clad.serve.db import Base, make_engine, migrate
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'new' / 'h.db'}")
+    engine = make_engine(history_url(backend))
     assert migrate(engine) == "0001" and migrate(engine) == "0001"  # idempotent
     with engine.connect() as c:
         assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
     engine.dispose()
 
 
-def test_retention_deletes_old_rows_and_the_files_only_they_named(models, tmp_path):
+def test_migrations_run_once_when_stations_start_together(backend, history_url):
+    """Replicas starting at once on one new database: the lock lets one migrate, the others find it done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clad.serve.db import make_engine, migrate
+
+    url = history_url(backend)
+    engines = [make_engine(url) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(migrate, engines)) == ["0001"] * 4
+    for e in engines:
+        e.dispose()
+
+
+def test_retention_deletes_old_rows_and_the_files_only_they_named(models, backend, history_url, tmp_path):
     import datetime as dt
 
     from clad.serve.db import Inspection
     from clad.serve.server import settings_for
     from clad.serve.station import Station
 
-    station = Station(settings_for([models["knn"]], data_dir=str(tmp_path / "st"), retention_days=1))
+    station = Station(settings_for([models["knn"]], data_dir=str(tmp_path / "st"), db=history_url(backend),
+                                   retention_days=1))
     old = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
     new = dt.datetime.now(dt.timezone.utc)
     common = dict(model="knn", model_version=1, image_format="png", image_stored=True, width=1, height=1, score=0.0,
@@ -430,6 +461,14 @@ def test_serve_command_errors_are_one_line(models, tmp_path, capsys, monkeypatch
     short.write_text("abc")
     assert main(["serve", str(models["knn"]), "--api-key-file", str(short)]) == 2
     assert "at least 16 characters" in capsys.readouterr().err
+    for url, problem in [("postgresql+psycopg://ana:s3cret@127.0.0.1:1/h", "Connection refused"),
+                         ("postgres://ana:s3cret@127.0.0.1:1/h", "unknown database kind"), ("h.db", "not a database URL")]:
+        assert main(["serve", str(models["knn"]), "--db", url]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("clad: error: --db ") and problem in err and err.count("\n") == 1, err
+        assert "s3cret" not in err and ("ana:***@127.0.0.1:1/h" in err or "@" not in url)
+    assert main(["serve", str(models["knn"]), "--replicas", "2"]) == 2
+    assert "go with --engine ray" in capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec

@@ -368,6 +368,11 @@ def cmd_serve(args) -> int:
 
     check_dependencies()
     from clad.serve.server import prepare_demo, run, settings_for
+    from clad.errors import SpecError
+
+    if args.engine != "ray" and (args.replicas is not None or args.address or args.num_cpus is not None):
+        raise SpecError("--replicas, --address and --num-cpus go with --engine ray")
+    args.replicas = 1 if args.replicas is None else args.replicas
 
     models, seed = list(args.models), []
     if args.demo:
@@ -380,9 +385,17 @@ def cmd_serve(args) -> int:
                             queue=args.queue, max_body_mb=args.max_body_mb, retention_days=args.retention_days,
                             cors_origins=args.cors_origin or [], seed_images=seed)
     try:
-        run(settings, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+        if args.engine == "ray":
+            from clad.cluster.serve import run as run_replicas
+
+            run_replicas(settings, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
+                         num_cpus=args.num_cpus)
+        else:
+            run(settings, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     except KeyboardInterrupt as e:
-        e.kept = f"the history is in {settings.db_url}"
+        from clad.serve.db import safe_url
+
+        e.kept = f"the history is in {safe_url(settings.db_url)}"
         raise
     return 0
 
@@ -503,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default: this process, uvicorn) or ray: --replicas stations on Ray Serve behind one "
+                        "URL, each batching its own requests, sharing the history (PostgreSQL across machines) and "
+                        "the data folder; needs pip install -e \".[cluster]\"")
+    p.add_argument("--replicas", type=POSITIVE, metavar="N", help="--engine ray: how many stations (default 1)")
+    p.add_argument("--address", help="--engine ray: the Ray cluster to join (auto: the one `ray start --head` "
+                   "started on this machine; HOST:PORT); default: a local one for this run")
+    p.add_argument("--num-cpus", type=POSITIVE, metavar="N", help="--engine ray without --address: the local "
+                   "cluster's CPUs (default: all)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list", help="list the registered detectors and backbones")

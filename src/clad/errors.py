@@ -52,3 +52,8 @@ class UnknownNameError(CladError, KeyError):
 
 class Interrupted(KeyboardInterrupt):
     """A signal (SIGTERM, or SIGINT as Ctrl-C) asked the run to stop; what is finished is kept."""
+
+
+class DatabaseError(CladError, OSError):
+    """The station's history database (``--db URL``) is malformed, unreachable, refuses the login, or does not
+    exist; the message names the URL with its password hidden."""

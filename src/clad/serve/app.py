@@ -199,8 +199,27 @@ class Timing:
                 time.perf_counter() - t0)
 
 
+class ReplicaHeader:
+    """``X-Clad-Replica: <name>`` on every response: which replica answered (``clad serve --engine ray``)."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-clad-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), self.header])
+            await send(message)
+
+        return await self.app(scope, receive, sending)
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
-def create_app(station: Station) -> FastAPI:
+def create_app(station: Station, replica: str | None = None) -> FastAPI:
+    """The station's app; ``replica``: this replica's name, sent in ``X-Clad-Replica`` with every response."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -367,6 +386,8 @@ def create_app(station: Station) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type", "X-API-Key"])
     app.add_middleware(BodyLimit, limit=station.settings.max_body_bytes, station=station)
     app.add_middleware(Timing, station=station)
+    if replica is not None:
+        app.add_middleware(ReplicaHeader, replica=replica)
     if (STATIC / "index.html").is_file():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="webapp")
     else:  # an install without the web app's pages

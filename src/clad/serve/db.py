@@ -1,8 +1,12 @@
 """The station's history: SQLAlchemy 2 ORM tables, the engine, and the schema's migrations.
 
-Portable SQL only (the ORM's): SQLite by default, a PostgreSQL URL works the same. On SQLite every connection
-turns on WAL mode (readers never block the writer), foreign keys and a busy timeout; the schema is created and
-upgraded by the Alembic migrations shipped in ``clad/serve/migrations`` (``migrate``), never by ``create_all``.
+Portable SQL only (the ORM's): SQLite by default, PostgreSQL (``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB``,
+psycopg 3 from the cluster extra) the same, on the same migrations. On SQLite every connection turns on WAL mode
+(readers never block the writer), foreign keys and a busy timeout; on PostgreSQL every session runs in UTC. Times
+are stored timezone-aware (SQLite hands them back naive: UTC). The schema is created and upgraded by the Alembic
+migrations shipped in ``clad/serve/migrations`` (``migrate``), never by ``create_all``; several processes may
+start on one database at once (Ray Serve replicas): the migrations run under a lock (a PostgreSQL advisory lock, a
+file lock beside a SQLite file), once. ``open_database`` turns every way a URL can fail into one ``DatabaseError``.
 
 Tables: ``inspections`` (one row per inspected image, with its operator's current verdict), ``verdicts`` (every
 verdict given, the audit trail), ``ratings`` (blind ratings of heatmaps, the paper's Table 3).
@@ -123,35 +127,111 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """The engine of ``url``; a SQLite file gets its folder created and the pragmas above on every connection."""
+    """The engine of ``url``; a SQLite file gets its folder created and the pragmas above on every connection, a
+    PostgreSQL session the UTC time zone."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
     kwargs: dict = {"pool_pre_ping": True}
-    if parsed.get_backend_name() == "sqlite":
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 10}
     engine = create_engine(url, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
+    if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 
+MIGRATION_LOCK = 0x636C6164  # "clad": the PostgreSQL advisory lock held while migrating
+
+
 def migrate(engine: Engine) -> str | None:
-    """Bring the schema to the newest migration (``alembic upgrade head``, run in-process on ``engine``); returns
-    the revision now current."""
+    """Bring the schema to the newest migration (``alembic upgrade head``, run in-process on ``engine``) under a
+    lock, so that processes starting together migrate once; returns the revision now current."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import text
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+    with _file_lock(engine):
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":  # held to the end of this transaction: the others wait here
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+class _file_lock:
+    """An exclusive ``flock`` on ``<database file>.migrate.lock`` for a SQLite file; nothing for other databases."""
+
+    def __init__(self, engine: Engine):
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.path = Path(database + ".migrate.lock") if database and database != ":memory:" else None
+        self.fh = None
+
+    def __enter__(self):
+        if self.path is not None:
+            import fcntl
+
+            self.fh = open(self.path, "a")
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # releases the lock
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden (``***``); a URL that cannot be parsed, as given without a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def open_database(url: str) -> tuple[Engine, str | None]:
+    """The engine of ``url`` with its schema migrated, and the revision; every failure is one ``DatabaseError``
+    (or ``DependencyError`` for a missing driver) naming the URL, password hidden, and the problem."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+
+    from clad.errors import DatabaseError, DependencyError
+
+    shown = safe_url(url)
+    try:
+        engine = make_engine(url)
+    except NoSuchModuleError as e:
+        raise DatabaseError(f"--db {shown}: unknown database kind ({e}); use sqlite:///PATH or "
+                            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE") from e
+    except ArgumentError as e:
+        raise DatabaseError(f"--db {shown}: not a database URL ({e}); use sqlite:///PATH or "
+                            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE") from e
+    except ImportError as e:
+        raise DependencyError(f"--db {shown} needs the Python package {e.name or e}, which is not installed: "
+                              "PostgreSQL runs on psycopg 3 (postgresql+psycopg://...): pip install -e '.[cluster]' "
+                              "(or pip install 'psycopg[binary]')") from e
+    except OSError as e:
+        raise DatabaseError(f"--db {shown}: cannot create the database's folder ({e.strerror or e})") from e
+    try:
+        return engine, migrate(engine)
+    except DBAPIError as e:
+        engine.dispose()
+        reason = " ".join(str(e.orig).split()) if e.orig is not None else type(e).__name__
+        raise DatabaseError(f"--db {shown}: cannot open the history ({reason})") from e
+    except (SQLAlchemyError, OSError) as e:
+        engine.dispose()
+        raise DatabaseError(f"--db {shown}: cannot open the history ({' '.join(str(e).split())})") from e
 
 
 def session_factory(engine: Engine) -> sessionmaker:

@@ -25,7 +25,7 @@ def encode_map(amap: np.ndarray) -> tuple[bytes, float, float]:
     lo, hi = float(amap.min()), float(amap.max())
     span = hi - lo if hi > lo else 1.0
     q = np.round((amap - lo) * (65535.0 / span)).astype(np.uint16)  # (H, W)
-    return png(q, compress_level=6), lo, hi
+    return png(q, compress_level=1), lo, hi  # level 6: 3 % smaller, 3x the time (54 against 16 ms on magnetic tile)
 
 
 def decode_map(data: bytes, lo: float, hi: float) -> np.ndarray:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from clad.errors import SpecError
+from clad.serve.db import safe_url
 from clad.serve.station import Settings, Station
 
 STATION_FOLDER = "clad_station"  # beside the first model folder, unless --data-dir
@@ -94,7 +95,7 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_level
     models = ", ".join(f"{s.name} ({s.initial.name}, version {s.active_number()})" for s in station.slots.values())
     images = settings.images_dir or "not stored"
     where = f"[{host}]" if ":" in host else host
-    print(f"clad serve: {models}; history {_safe_url(settings.db_url)} (schema {station.revision}); images "
+    print(f"clad serve: {models}; history {safe_url(settings.db_url)} (schema {station.revision}); images "
           f"{images}; listening on http://{where}:{port}/ (API /api/v1, docs /docs)", file=sys.stderr, flush=True)
     if not is_loopback(host) and settings.api_key is None:
         print(f"clad serve: warning: listening on {host} without --api-key-file: anyone who reaches this port can "
@@ -118,9 +119,3 @@ def listen(host: str, port: int) -> socket.socket:
         raise SpecError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from e
     sock.set_inheritable(True)
     return sock
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

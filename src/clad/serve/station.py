@@ -28,7 +28,7 @@ from sqlalchemy import delete, exists, func, select
 from clad.serve import pictures
 from clad.serve.batcher import Batcher, QueueFull
 from clad.serve.blobs import BlobStore, sha256
-from clad.serve.db import Inspection, Rating, Verdict, iso, make_engine, migrate, session_factory, utcnow
+from clad.serve.db import Inspection, Rating, Verdict, iso, open_database, session_factory, utcnow
 from clad.serve.metrics import Metrics
 from clad.serve.versions import ModelSlot
 
@@ -123,8 +123,8 @@ class Station:
                 raise SpecError(f"two models are named {slot.name!r} ({self.slots[slot.name].folder} and "
                                 f"{slot.folder}): a model's name is its folder's name, rename one")
             self.slots[slot.name] = slot
-        self.engine = make_engine(settings.db_url)  # after the models: a mistyped folder creates no database
-        self.revision = migrate(self.engine)
+        # after the models: a mistyped folder creates no database
+        self.engine, self.revision = open_database(settings.db_url)
         self.Session = session_factory(self.engine)
         self.images = BlobStore(settings.images_dir) if settings.images_dir is not None else None
         self.maps = BlobStore(Path(settings.data_dir) / "maps")
@@ -155,6 +155,8 @@ class Station:
     async def _warm_up(self) -> None:
         try:
             for slot in self.slots.values():
+                if slot.active is not None:  # loaded before the start (a Ray Serve replica loads in __init__)
+                    continue
                 t0 = time.perf_counter()
                 await self.batcher.run_in_worker(slot.load)
                 log.info("model %s version %d loaded and warmed in %.1f s", slot.name, slot.active.version.version,
@@ -223,7 +225,9 @@ class Station:
         """The inference thread: one forward for the batch, then its explanations."""
         from clad.types import AnomalyResult
 
-        active = self.slots[jobs[0].model].active
+        slot = self.slots[jobs[0].model]
+        slot.refresh(blocking=False)  # another replica may have changed the active version: one stat per batch
+        active = slot.active
         det, explainer = active.detector, active.explainer
         arrays = [j.payload.image for j in jobs]
         t0 = time.perf_counter()
@@ -332,7 +336,7 @@ class Station:
             rows = s.execute(select(Inspection.id, Inspection.score, Inspection.verdict)
                              .where(Inspection.model == name, Inspection.model_version.in_(lineage))
                              .order_by(Inspection.id)).all()
-        threshold = slot.active.detector.threshold_ if slot.active else None
+        threshold = slot.version(lineage[0]).threshold  # the active version's, as on disk (every replica's)
         return {"threshold": threshold, "items": [{"id": i, "score": sc, "verdict": v} for i, sc, v in rows]}
 
     # -- pictures ---------------------------------------------------------------------------------------------
@@ -418,16 +422,17 @@ class Station:
 
     # -- models -------------------------------------------------------------------------------------------------
     def model_json(self, name: str) -> dict:
+        """The model as its folder has it: the active version on disk is the one every replica serves from its
+        next batch (``ModelSlot.refresh``), so every replica answers the same."""
         slot = self.slot(name)
         versions = slot.versions()
         active_n = slot.active_number()
-        active = slot.active
-        det = active.detector if active else slot.initial
+        det = slot.initial  # the detector's kind and capabilities: the same in every version
         current = next(v for v in versions if v.version == active_n)
-        return {"name": name, "detector": det.name, "version": active_n, "threshold": det.threshold_,
-                "threshold_source": det.threshold_source_, "n_references": current.n_references,
+        return {"name": name, "detector": det.name, "version": active_n, "threshold": current.threshold,
+                "threshold_source": current.threshold_source, "n_references": current.n_references,
                 "can_add_references": bool(getattr(det, "can_add_references", False)),
-                "ready": active is not None, "versions": [v.to_json(active_n) for v in versions]}
+                "ready": slot.active is not None, "versions": [v.to_json(active_n) for v in versions]}
 
     def models_json(self) -> list[dict]:
         return [self.model_json(n) for n in self.slots]

@@ -9,10 +9,14 @@
 A version is built under a temporary name in ``.versions`` and renamed into place whole, and ``active.json`` is
 replaced by a rename, so a crash leaves either the old state or the new one. Hidden names keep all this out of
 ``clad predict``'s model identity (``folder_digest``). Version changes (threshold, teach, rollback) are serialised
-by the slot's lock; the served ``Active`` is replaced whole, so a batch in flight finishes on the one it took.
+by the slot's lock and, between processes serving the same folder (Ray Serve replicas, two stations), by an
+exclusive ``flock`` on ``.versions/.lock``; the served ``Active`` is replaced whole, so a batch in flight finishes
+on the one it took. A process notices another's change by ``active.json`` changing (one ``stat`` per batch,
+``refresh``) and serves the new active version from then on.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -31,6 +35,7 @@ VERSIONS = ".versions"
 REFERENCES = ".references"
 ACTIVE_FILE = "active.json"
 VERSION_FILE = "version.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -104,6 +109,7 @@ class ModelSlot:
         self.references_dir = self.folder / REFERENCES
         self.initial = load_detector(self.folder)  # checks the folder: a bad one fails before the server starts
         self.active: Active | None = None
+        self._seen: tuple | None = None  # active.json's identity when the served version was last checked
 
     # -- versions on disk -----------------------------------------------------------------------------------
     def _version_folder(self, n: int) -> Path:
@@ -126,6 +132,13 @@ class ModelSlot:
 
     def version(self, n: int) -> Version | None:
         return next((v for v in self.versions() if v.version == n), None)
+
+    def _active_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.versions_dir / ACTIVE_FILE)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def active_number(self) -> int:
         path = self.versions_dir / ACTIVE_FILE
@@ -181,11 +194,17 @@ class ModelSlot:
     # -- serving --------------------------------------------------------------------------------------------
     def load(self, n: int | None = None) -> Active:
         """Load version ``n`` (default: the active one), warm it and serve it."""
+        with self.lock:
+            stamp = self._active_stamp()
+            n = self.active_number() if n is None else n
+            active = self._serve(self.version(n), self._detector(n))
+            self._seen = stamp
+            return active
+
+    def _detector(self, n: int):
         from clad.detectors.base import load_detector
 
-        n = self.active_number() if n is None else n
-        det = self.initial if n == 1 else load_detector(self._version_folder(n))
-        return self._serve(self.version(n), det)
+        return self.initial if n == 1 else load_detector(self._version_folder(n))
 
     def _serve(self, version: Version, det, warm_up: bool = True) -> Active:
         from clad.explain import Explainer
@@ -202,10 +221,55 @@ class ModelSlot:
     def _activate(self, version: Version, det, warm_up: bool = True) -> Active:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.versions_dir / ACTIVE_FILE, {"version": version.version, "since": iso(_now())})
+        self._seen = self._active_stamp()
         return self._serve(version, det, warm_up)
 
-    def set_threshold(self, threshold: float) -> Version:
+    def refresh(self, blocking: bool = True) -> bool:
+        """Serve the active version on disk when another process changed it (``active.json`` changed since this
+        one last looked); returns whether it changed. ``blocking`` False: skip it while this process is changing
+        the version itself (the inference thread never waits for a teach)."""
+        if self.active is None or self._active_stamp() == self._seen:
+            return False
+        if not self.lock.acquire(blocking=blocking):
+            return False
+        try:
+            return self._refresh()
+        finally:
+            self.lock.release()
+
+    def _refresh(self) -> bool:
+        """``refresh`` with ``self.lock`` held."""
+        stamp = self._active_stamp()
+        if self.active is None or stamp == self._seen:
+            return False
+        n, cur = self.active_number(), self.active
+        self._seen = stamp
+        if n == cur.version.version:
+            return False
+        v = self.version(n)
+        if v.reason == "threshold" and v.parent == cur.version.version:  # as set_threshold made it: no reload
+            det = copy.copy(cur.detector)
+            det.set_threshold(v.threshold)
+            self._serve(v, det, warm_up=False)
+        else:
+            self._serve(v, self._detector(n))
+        return True
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """The slot's lock, the folder's lock between processes, and the newest active version served: a change
+        is always made on top of the latest one, whichever process made that."""
+        import fcntl
+
         with self.lock:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.versions_dir / LOCK_FILE, "a") as fh:  # closing it releases the flock
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                self._refresh()
+                yield
+
+    def set_threshold(self, threshold: float) -> Version:
+        with self._changing():
             cur = self.active
             det = copy.copy(cur.detector)  # shares the fitted tensors and the backbone: only the threshold differs
             det.set_threshold(threshold)
@@ -220,7 +284,7 @@ class ModelSlot:
         the seconds ``add_references`` took."""
         from clad.detectors.base import load_detector
 
-        with self.lock:
+        with self._changing():
             cur = self.active
             det = load_detector(self._version_folder(cur.version.version))
             t0 = time.perf_counter()
@@ -234,12 +298,9 @@ class ModelSlot:
             return v, seconds
 
     def rollback(self, n: int) -> Version:
-        from clad.detectors.base import load_detector
-
-        with self.lock:
+        with self._changing():
             v = self.version(n)
-            det = self.initial if n == 1 else load_detector(self._version_folder(n))
-            self._activate(v, det)
+            self._activate(v, self._detector(n))
             return v
 
     # -- references (the closest normal patch) ----------------------------------------------------------------
