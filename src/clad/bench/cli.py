@@ -36,6 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=16, help="predict and backbone-timing batch (default 16)")
     p.add_argument("--pixel-eval-size", type=NATURAL, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: the runs one after another in this process (default); ray: each run (runs sharing "
+                        "a fit together) as a Ray task, written here as it finishes (needs the cluster extra)")
+    p.add_argument("--address", help="with --engine ray: join this cluster (auto, HOST:PORT, ray://HOST:PORT) "
+                   "instead of starting a local one for this run")
+    p.add_argument("--num-cpus", type=POSITIVE, help="with --engine ray and no --address: the local cluster's "
+                   "CPUs (default: all of this machine's)")
+    p.add_argument("--cpus-per-run", type=POSITIVE, default=1,
+                   help="with --engine ray: CPUs (and threads) each task declares (default 1)")
     p.add_argument("--rating-sheet", metavar="DIR", help="write a blind human-rating sheet to DIR instead")
     p.add_argument("--n-images", type=POSITIVE, default=20, help="defective images per category in the sheet (default 20)")
     p.add_argument("--seed", type=NATURAL, default=0, help="seed of the rating sheet's references and images (default 0)")
@@ -58,6 +67,11 @@ def _command(args) -> list[str]:
         out += ["--aux", args.aux]
     if args.corruptions:
         out += ["--corruptions", args.corruptions]
+    if args.engine != "local":
+        out += ["--engine", args.engine]
+        for flag, value in (("--address", args.address), ("--num-cpus", args.num_cpus)):
+            out += [flag, str(value)] if value is not None else []
+        out += ["--cpus-per-run", str(args.cpus_per_run)] if args.cpus_per_run != 1 else []
     return [f"'{a}'" if re.search(r"[\s\[\];@]", a) else a for a in out]
 
 
@@ -88,7 +102,9 @@ def cmd_bench(args) -> int:
     with output_lock(args.out, "folder"):
         summary = run_bench(args.out, args.data, args.categories, args.detectors, args.shots, args.runs,
                             batch_size=args.batch_size, pixel_eval_size=pes, plots=not args.no_plots,
-                            argv=_command(args), aux=args.aux, corruptions=args.corruptions)
+                            argv=_command(args), aux=args.aux, corruptions=args.corruptions,
+                            engine=args.engine, address=args.address, num_cpus=args.num_cpus,
+                            cpus_per_run=args.cpus_per_run)
     if summary["interrupted"]:
         return 130
     return 1 if summary["failed"] else 0

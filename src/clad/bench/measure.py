@@ -15,13 +15,15 @@ from clad.bench.plan import Run
 
 
 def machine() -> dict:
-    """Versions (clad.evaluate.environment) plus what the timings depend on: OS, CPUs, accelerator."""
+    """Versions (clad.evaluate.environment) plus what the timings depend on: OS, CPUs, torch threads (a Ray task
+    has as many as its CPUs), accelerator."""
     import torch
 
     from clad.evaluate import environment
 
     env = environment()
     env.update(platform=platform.platform(), cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads(),
                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return env
 
