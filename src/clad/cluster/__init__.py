@@ -39,18 +39,40 @@ def connect(address: str | None = None, num_cpus: int | None = None, what: str =
     if address is not None and address != "auto":
         _probe(address)
     kwargs = dict(include_dashboard=False, logging_level="warning", configure_logging=True)
+    handlers = _signal_handlers()  # ray.init makes SIGTERM end the driver at once: clad's own handlers come back
     try:
-        if address is None:  # this machine only: the cluster's servers listen on 127.0.0.1
+        if address is None:  # node IP 127.0.0.1: its traffic stays on this machine (Ray listens on every interface)
             ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        _restore(handlers)
         where = "the local cluster" if address is None else f"the Ray cluster at {address!r}"
         hint = ("; start one with `ray start --head --num-cpus N` on the head node (and `ray start --address "
                 "HEAD:6379` on the others), or leave out --address to start a local one for this run")
         raise DependencyError(f"cannot connect to {where}: {' '.join(str(e).split())}"
                               + (hint if address is not None else "")) from e
+    _restore(handlers)
     return ray
+
+
+def _signal_handlers() -> dict:
+    """SIGINT's and SIGTERM's handlers now (none off the main thread, where they cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(handlers: dict) -> None:
+    """Put back the handlers ``_signal_handlers`` saw (``clad.pipeline.stop_on_signals``: keep what is finished)."""
+    import signal
+
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

@@ -8,30 +8,11 @@ invocation tries again.
 """
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from typing import Callable, Iterator, Sequence
 
 from clad.cluster import cluster_cpus, connect
 from clad.errors import SpecError
-
-
-@contextlib.contextmanager
-def _keeping_signal_handlers():
-    """``ray.init`` makes SIGTERM exit the driver at once (and its native layer abort it); the bench's own handlers
-    (``stop_on_signals``: cancel the tasks, keep the finished runs, write the tables) are put back after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            if handler is not None:
-                signal.signal(s, handler)
 
 
 def _call(fn: Callable, *args):
@@ -54,8 +35,7 @@ class RayGrid:
 
         started = not require_ray("--engine ray").is_initialized()
         t0 = time.perf_counter()
-        with _keeping_signal_handlers():
-            self.ray = connect(address, num_cpus)
+        self.ray = connect(address, num_cpus)  # keeps the bench's own SIGINT/SIGTERM handlers
         self.startup_seconds = time.perf_counter() - t0
         self._owned = started
         self.cpus_per_task = cpus_per_task
