@@ -7,7 +7,9 @@ Per variant and input size, the forward to ``stage3`` (the deepest map PatchCore
 (the whole network without its head), each two ways: the folded inference path clad runs (batch norms folded into
 the convolutions, ``torch.inference_mode``) and the package's own modules block by block (``torch.no_grad``).
 Random images, channels-last as ``preprocess`` gives them. Every cell is timed once per round, in an order rotated
-each round so that a shared machine's drift hits all alike; printed: median ms/image over rounds and the range.
+each round so that a shared machine's drift hits all alike; printed: median ms/image over rounds and the range,
+and the multiply-adds per image of the convolutions run (GMAC, counted from their shapes: no timing, so a loaded
+machine cannot move it).
 """
 from __future__ import annotations
 
@@ -32,6 +34,23 @@ def modules_forward(bb, x: torch.Tensor, last: str) -> torch.Tensor:
         if idx == end:
             break
     return h
+
+
+def gmacs(bb, size: int, last: str) -> float:
+    """Multiply-adds (1e9) of one image's convolutions up to stage ``last``: output elements x (C_in / groups) x k^2."""
+    total = [0]
+
+    def count(conv, _inputs, output):
+        total[0] += output.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in bb.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            modules_forward(bb, torch.zeros(1, 3, size, size), last)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] / 1e9
 
 
 def main() -> None:
@@ -78,13 +97,14 @@ def main() -> None:
             times[cell].append(run(cell))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.rounds} rounds, "
           f"load average {' '.join(open('/proc/loadavg').read().split()[:3]) if os.path.exists('/proc/loadavg') else '?'}")
-    print(f"{'backbone':<20}{'size':>6}{'to':>8}{'folded ms/img':>16}{'modules ms/img':>17}{'fold speed-up':>15}")
+    print(f"{'backbone':<20}{'size':>6}{'to':>8}{'GMAC':>7}{'folded ms/img':>22}{'modules ms/img':>22}{'fold speed-up':>15}")
     for v, size, last, way in cells:
         if way != "folded":
             continue
         f, m = times[(v, size, last, "folded")], times[(v, size, last, "modules")]
         fm, mm = statistics.median(f), statistics.median(m)
-        print(f"{'efficientnet_lite%d' % v:<20}{size:>6}{last:>8}{fm:>9.1f} ({min(f):.1f}-{max(f):.1f})"
+        g = gmacs(backbones[v], size, last)
+        print(f"{'efficientnet_lite%d' % v:<20}{size:>6}{last:>8}{g:>7.3f}{fm:>9.1f} ({min(f):.1f}-{max(f):.1f})"
               f"{mm:>9.1f} ({min(m):.1f}-{max(m):.1f}){mm / fm:>8.2f}x")
 
 
