@@ -250,14 +250,14 @@ class Explainer:
             parts.append((e.defect_type, F.normalize(pooled(grid, w), dim=0), flat[w >= min(0.3, float(w.max()))], flat[w == 0]))
         return parts
 
-    def _assemble(self, leave_out: int | None = None):
+    def _assemble(self, leave_out: frozenset = frozenset()):
         """Per type: example descriptors (n, D) and defect patches (m, D); normal patches (N, D): the examples'
-        unmasked cells plus the references' patches. ``leave_out``: an example index to leave out of all three."""
+        unmasked cells plus the references' patches. ``leave_out``: example indices to leave out of all three."""
         if not self.parts_:
             return {}, {}, None
         rows, cells, normal = {}, {}, []
         for i, (t, row, defect, clean) in enumerate(self.parts_):
-            if i == leave_out:
+            if i in leave_out:
                 continue
             rows.setdefault(t, []).append(row)
             cells.setdefault(t, []).append(defect)
@@ -269,11 +269,16 @@ class Explainer:
 
     def _leave_one_out(self) -> list[tuple[float, bool]]:
         """(confidence, named right) of each catalogue example explained as a flagged image (its map from the
-        detector, its regions, the ranking with the catalogue less that example); only examples whose type keeps
-        another example, so that it can be named at all."""
+        detector, its regions, its ranking) by the catalogue less one example of every type: in round j the j-th
+        example of each type is left out, so every type keeps as many examples (leaving out one example alone
+        would make its type the only one with fewer examples, and rank it lower); only types with another
+        example take part, so that theirs can be named at all."""
         examples = self.catalogue.examples
-        counts = {t: len(self.catalogue.of_type(t)) for t in self.catalogue.defect_types}
-        keep = [i for i, e in enumerate(examples) if counts[e.defect_type] > 1]
+        position, seen = {}, {}
+        for i, e in enumerate(examples):
+            position[i] = seen.get(e.defect_type, 0)
+            seen[e.defect_type] = position[i] + 1
+        keep = [i for i, e in enumerate(examples) if seen[e.defect_type] > 1]
         if not keep or not (self.parts_ or self.text_ is not None):
             return []
         images = [examples[i].image for i in keep]
@@ -285,7 +290,8 @@ class Explainer:
         full = self.examples_, self.banks_, self.normal_bank_
         try:
             for i, amap in zip(keep, maps):
-                self.examples_, self.banks_, self.normal_bank_ = self._assemble(leave_out=i)
+                held = frozenset(k for k in keep if position[k] == position[i])  # this round's left-out examples
+                self.examples_, self.banks_, self.normal_bank_ = self._assemble(leave_out=held)
                 shared = self.detector.embed_patches([examples[i].image])[0] if self.text_ is not None else None
                 visual = shared if (self.space_ == "shared" and shared is not None) else self._visual([examples[i].image])
                 visual = visual[0] if visual is not None and visual.dim() == 4 else visual
