@@ -123,3 +123,46 @@ def test_threshold_is_learnt_from_the_catalogue_alone(normal_images):
     assert not any(e.type_uncertain for e in one.explain([t[0] for t in tests]))
     # abstain=False: no leave-one-out
     assert Explainer(det, catalogue=cat, abstain=False).fit(normal_images).confidence_threshold_ is None
+
+
+def test_eval_explain_reports_accuracy_by_coverage_and_a_curve(tmp_path, capsys):
+    from PIL import Image
+
+    from clad.cli import main
+    from clad.data import make_synthetic_mvtec
+
+    root = make_synthetic_mvtec(tmp_path / "data", category="tile", n_train=3, n_test_good=1, n_test_defect=12, size=64)
+    out = tmp_path / "r.json"
+    args = ["eval", "--data", f"mvtec:{root}", "--category", "tile", "--shots", "2", "--detector", "patch_knn",
+            "--backbone", "tiny_cnn", "--param", "image_size=64", "--explain", "--catalogue-shots", "2", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "top-1 by coverage: 10% " in text and "100% " in text
+    cat = json.loads(out.read_text())["explain"]["catalogue"]
+    curve = cat["coverage_curve"]
+    assert [c["coverage"] for c in curve] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert curve[-1]["top1"] == pytest.approx(cat["top1"]) and curve[-1]["n_images"] == cat["n_images"] == 6
+    assert len(cat["calibration"]) == 6  # 3 types x 2 catalogue examples, each explained by the other three
+    at = cat["at_threshold"]
+    assert 0.0 <= at["coverage"] <= 1.0 and at["n_images"] == round(at["coverage"] * 6)
+    png = tmp_path / "r.coverage.png"
+    assert json.loads(out.read_text())["explain"]["coverage_plot"] == str(png)
+    assert Image.open(png).size[0] > 100
+
+
+def test_report_draws_the_naming_curve(tmp_path, normal_images):
+    from clad.report import write_report
+
+    det = clad.create_detector("patch_knn", backbone="tiny_cnn", image_size=64).fit(normal_images)
+    kinds = ["hole", "spot"] * 3
+    tests = [_defect(20 + s, k) for s, k in enumerate(kinds)]
+    from clad.types import Sample
+
+    samples = [Sample(img, 1, mask, f"{k}/{i}.png", k) for i, ((img, mask), k) in enumerate(zip(tests, kinds))]
+    result = det.predict([s.image for s in samples])
+    cat = Catalogue([Example(k, *_defect(s, k)) for s, k in enumerate(["hole", "spot", "hole", "spot"])])
+    said = Explainer(det, catalogue=cat).fit(normal_images).explain([s.image for s in samples], result)
+    write_report(tmp_path / "rep", samples, result, explanations=said)
+    assert (tmp_path / "rep" / "naming.png").is_file() and 'src="naming.png"' in (tmp_path / "rep" / "index.html").read_text()
+    write_report(tmp_path / "plain", samples, result)  # no explanations: no curve
+    assert not (tmp_path / "plain" / "naming.png").exists()

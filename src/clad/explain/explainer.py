@@ -7,7 +7,10 @@ For each image (``Explainer.explain``):
    99.5th percentile of the maps of the normal images given to ``fit`` (``normal_images``, else ``references``;
    memory-based detectors hold the references themselves, so pass other normal images when there are some); the
    detector's ``threshold_`` when it declares that its score is the map's maximum (``score_is_map_max``); else
-   the 99.5th percentile of the maps explained in that call ("batch").
+   the 99.5th percentile of the maps explained in that call ("batch"). An image flagged anomalous (score above
+   the decision threshold, or no threshold: the explanation was asked for) with no such component gets the
+   component around its map's maximum (``regions.peak_component``: map >= half-way from its median to its
+   peak), flagged ``peak_only``; an image judged normal gets none.
 2. region descriptors: the mean of the patch embeddings inside the region, each patch weighted by the share of
    it the region covers (``weighting="area"``), or by the region's map excess over the pixel threshold in it
    (``weighting="anomaly"``, which favours the defect's core). Two spaces: "shared" (``detector.embed_patches``
@@ -32,6 +35,15 @@ For each image (``Explainer.explain``):
    ranked the same way (``image_types``).
 4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
    catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
+5. abstention: the confidence of an explanation is the margin s_1 - s_2 between the first two types of the
+   ranking it names from (``type_confidence``). With a catalogue, ``fit`` explains each catalogue example as a
+   flagged image (the detector's map, its regions) with one example of every type left out of the catalogue per
+   round (``_leave_one_out``: 2 examples per type give 2 rounds of 1 example per type), which gives (confidence,
+   right) pairs from the catalogue alone; ``confidence_threshold`` turns them into the confidence below which
+   the catalogue's own accuracy falls under chance + ``abstain_gain`` (0.2). Below it the explanation is
+   ``type_uncertain``: ``named_type`` is None, the sentence says "type uncertain", the ranking stays. No
+   threshold (never uncertain) without a catalogue, with fewer than two examples of every type, or when the
+   catalogue keeps the target at all its confidences.
 """
 from __future__ import annotations
 
@@ -122,7 +134,8 @@ class Explainer:
     "patches", "prototype" or "knn"; catalogue_weight: w above; n_types: how many ranked types each region keeps;
     gradcam: calibrate on Grad-CAM maps (explain results of ``gradcam_maps``); object_name: the noun in
     descriptions (default: from the detector's category); weighting: "area" or "anomaly" (how a region's patches
-    are averaged); top_k: patches averaged by the "patches" rule.
+    are averaged); top_k: patches averaged by the "patches" rule; abstain: learn the confidence threshold from
+    the catalogue (step 5); abstain_gain: how far above chance the catalogue's accuracy must stay.
     """
 
     def __init__(self, detector, catalogue: Catalogue | None = None, defect_types: Sequence[str] | None = None,

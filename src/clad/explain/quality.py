@@ -161,7 +161,9 @@ def format_naming(res: dict) -> str:
         lines.append(f"  {'':<30} top-1 by coverage: {curve}")
         a = r["at_threshold"]
         if a["threshold"] is None:
-            lines.append(f"  {'':<30} no abstention threshold (needs a catalogue with two examples of a type)")
+            n = len(r.get("calibration", []))
+            why = "it answered all of them" if n >= 2 else "needs two examples of a type"
+            lines.append(f"  {'':<30} no abstention threshold from the catalogue's {n} leave-one-out examples ({why})")
         else:
             lines.append(f"  {'':<30} at the catalogue's threshold {a['threshold']:.3g}: top-1 {a['top1']:.3f} "
                          f"on {a['coverage']:.0%} of the images ({a['n_images']}), the rest 'type uncertain'")
