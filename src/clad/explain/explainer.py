@@ -301,6 +301,7 @@ class Explainer:
             pix = float(np.percentile(np.concatenate([m.ravel() for m in maps]), NORMAL_QUANTILE))
         out = []
         full = self.examples_, self.banks_, self.normal_bank_
+        self.calibration_explanations_ = []  # (explanation, true type), for studies of the rule
         try:
             for i, amap in zip(keep, maps):
                 held = frozenset(k for k in keep if position[k] == position[i])  # this round's left-out examples
@@ -311,6 +312,7 @@ class Explainer:
                 e = self._explain_one(amap, float(amap.max()), None, pix, "", shared, visual, "")
                 if e.type_confidence is not None:
                     out.append((e.type_confidence, e.ranking[0].name == examples[i].defect_type))
+                    self.calibration_explanations_.append((e, examples[i].defect_type))
         finally:
             self.examples_, self.banks_, self.normal_bank_ = full
         return out

@@ -12,7 +12,9 @@ Abstention (``coverage_curve``): the images are sorted by their ranking's confid
 similarity margin of the first type over the second), most confident first; the top-1 accuracy of the first
 10 %, 20 %, ..., 100 % is the accuracy at that coverage (the first ceil(c * n) images; ties in confidence keep
 the images' order). ``at_threshold``: the accuracy and coverage of the images the explanations answered (not
-``type_uncertain``), with the threshold the explainer learnt from its catalogue alone.
+``type_uncertain``), with the threshold the explainer learnt from its catalogue alone. ``calibration``: the
+catalogue's leave-one-out (confidence, right) pairs it was learnt from; ``confidence_right``: the same per measured
+image.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def abstention(explanations: Sequence[Explanation], truth: Sequence[str]) -> dic
 
 def evaluate_naming(detector, samples: Sequence[Sample], result: AnomalyResult, catalogue_shots: int | None = None,
                     catalogue: Catalogue | None = None, seed: int = 0, references: Sequence[ImageLike] | None = None,
-                    normal_images: Sequence[ImageLike] | None = None, **options) -> dict:
+                    normal_images: Sequence[ImageLike] | None = None, keep_rankings: bool = False, **options) -> dict:
     """Measure type naming on the defective ``samples`` (with their ``result``), with and without a catalogue.
 
     catalogue_shots: draw the catalogue from ``samples`` (see the module docstring); catalogue: a given one
@@ -130,7 +132,14 @@ def evaluate_naming(detector, samples: Sequence[Sample], result: AnomalyResult, 
         out[key]["with_region"] = sum(bool(e.regions) for e in explanations) / max(1, len(explanations))
         out[key]["peak_only"] = sum(bool(e.regions) and e.regions[0].peak_only for e in explanations) / max(1, len(explanations))
         out[key].update(abstention(explanations, truth))
-        out[key]["calibration"] = [[c, bool(r)] for c, r in ex.calibration_]
+        out[key]["calibration"] = [[c, bool(r)] for c, r in ex.calibration_]  # the catalogue's leave-one-out
+        if keep_rankings and key == "catalogue":
+            def rankings(e):
+                return [[[t.name, t.similarity] for t in e.ranking], [[t.name, t.similarity] for t in e.image_types]]
+
+            out["_rankings"] = {"test": [[rankings(e), t] for e, t in zip(explanations, truth)],
+                                "catalogue": [[rankings(e), t] for e, t in getattr(ex, "calibration_explanations_", [])]}
+        out[key]["confidence_right"] = [[e.type_confidence, e.ranked_types()[:1] == [t]] for e, t in zip(explanations, truth)]
     return out
 
 
