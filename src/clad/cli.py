@@ -323,12 +323,31 @@ def _eval(args) -> int:
             det, pred["samples"], pred["result"], catalogue_shots=args.catalogue_shots, seed=args.seed,
             catalogue=Catalogue.from_folder(args.catalogue) if args.catalogue else None, normal_images=normals or None)
         print("  defect type named by the explanations:\n" + format_naming(res["explain"]))
+        if args.out:
+            res["explain"]["coverage_plot"] = _coverage_plot(res["explain"], args.out)
     for f in res["failures"]:
         print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
     if args.out:
         atomic_write(args.out, json.dumps(res, indent=2, default=_json_default))
         print(f"  written {args.out}")
     return 0
+
+
+def _coverage_plot(naming: dict, out: str) -> str | None:
+    """OUT's name with .coverage.png: the naming accuracy by coverage of each ranking (``clad eval --explain``)."""
+    from pathlib import Path
+
+    from clad.report import plot_coverage
+
+    curves = {label: naming[key]["coverage_curve"] for key, label in (("descriptions", "descriptions"), ("catalogue", "+ catalogue"))
+              if naming.get(key)}
+    if not curves:
+        return None
+    main = naming.get("catalogue") or naming["descriptions"]
+    at = main["at_threshold"] if main["at_threshold"]["threshold"] is not None else None
+    path = plot_coverage(Path(out).with_suffix(".coverage.png"), curves, main["chance_top1"], at)
+    print(f"  written {path}")
+    return str(path)
 
 
 def cmd_report(args) -> int:

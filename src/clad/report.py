@@ -59,6 +59,48 @@ def _summary_plots(out: Path, labels: np.ndarray, scores: np.ndarray, threshold:
     return files
 
 
+def plot_coverage(path: str | Path, curves: dict[str, list[dict]], chance: float,
+                  at_threshold: dict | None = None) -> Path:
+    """A small PNG of type-naming top-1 accuracy against coverage (``clad.explain.quality.coverage_curve``), one
+    line per ranking in ``curves`` (label -> curve), the chance level dashed, and the learnt threshold's point."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(4.2, 3.2), dpi=100)
+    for (label, curve), colour in zip(curves.items(), ("tab:red", "tab:blue", "tab:green")):
+        ax.plot([100 * c["coverage"] for c in curve], [c["top1"] for c in curve], "o-", ms=3, color=colour, label=label)
+    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance {chance:.2f}")
+    if at_threshold and at_threshold.get("n_images"):
+        ax.plot([100 * at_threshold["coverage"]], [at_threshold["top1"]], "k*", ms=10, label="learnt threshold")
+    ax.set_xlim(0, 102)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage: most confident images (%)")
+    ax.set_ylabel("defect type top-1")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _naming_plot(out: Path, records) -> list[str]:
+    """The coverage curve of the defective images whose defect type is among the types the explanations rank."""
+    from clad.explain.quality import coverage_curve
+
+    named = [r for r in records if r.label and getattr(r.explanation, "ranking", None)]
+    types = {t.name for r in named for t in r.explanation.ranking} | {r.defect_type for r in named}
+    named = [r for r in named if r.defect_type in types and r.defect_type != "good"]
+    if not named or len(types) < 2:
+        return []
+    exps, truth = [r.explanation for r in named], [r.defect_type for r in named]
+    answered = [i for i, e in enumerate(exps) if not e.type_uncertain]
+    at = {"coverage": len(answered) / len(exps), "n_images": len(answered),
+          "top1": sum(exps[i].named_type == truth[i] for i in answered) / max(1, len(answered))}
+    plot_coverage(out / "naming.png", {"explanations": coverage_curve(exps, truth)}, 1.0 / len(types),
+                  at if exps[0].confidence_threshold is not None else None)
+    return ["naming.png"]
+
+
 def _draw_box(image: np.ndarray, box, colour=(255, 220, 0), width: int = 2) -> np.ndarray:
     """Outline of an (x0, y0, x1, y1) end-exclusive box on a copy of an (H, W, 3) image."""
     out = image.copy()
@@ -244,7 +286,7 @@ class ReportWriter:
         else:
             contour = "no contour (no pixel threshold)"
 
-        plots = _summary_plots(out, labels, scores, self.threshold)
+        plots = _summary_plots(out, labels, scores, self.threshold) + (_naming_plot(out, records) if explained else [])
         metric_rows = ""
         if metrics:
             keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "iou", "fit_seconds", "predict_ms_per_image"]

@@ -7,7 +7,10 @@ For each image (``Explainer.explain``):
    99.5th percentile of the maps of the normal images given to ``fit`` (``normal_images``, else ``references``;
    memory-based detectors hold the references themselves, so pass other normal images when there are some); the
    detector's ``threshold_`` when it declares that its score is the map's maximum (``score_is_map_max``); else
-   the 99.5th percentile of the maps explained in that call ("batch").
+   the 99.5th percentile of the maps explained in that call ("batch"). An image flagged anomalous (score above
+   the decision threshold, or no threshold: the explanation was asked for) with no such component gets the
+   component around its map's maximum (``regions.peak_component``: map >= half-way from its median to its
+   peak), flagged ``peak_only``; an image judged normal gets none.
 2. region descriptors: the mean of the patch embeddings inside the region, each patch weighted by the share of
    it the region covers (``weighting="area"``), or by the region's map excess over the pixel threshold in it
    (``weighting="anomaly"``, which favours the defect's core). Two spaces: "shared" (``detector.embed_patches``
@@ -32,6 +35,15 @@ For each image (``Explainer.explain``):
    ranked the same way (``image_types``).
 4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
    catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
+5. abstention: the confidence of an explanation is the margin s_1 - s_2 between the first two types of the
+   ranking it names from (``type_confidence``). With a catalogue, ``fit`` explains each catalogue example as a
+   flagged image (the detector's map, its regions) with one example of every type left out of the catalogue per
+   round (``_leave_one_out``: 2 examples per type give 2 rounds of 1 example per type), which gives (confidence,
+   right) pairs from the catalogue alone; ``confidence_threshold`` turns them into the confidence below which
+   the catalogue's own accuracy falls under chance + ``abstain_gain`` (0.2). Below it the explanation is
+   ``type_uncertain``: ``named_type`` is None, the sentence says "type uncertain", the ranking stays. No
+   threshold (never uncertain) without a catalogue, with fewer than two examples of every type, or when the
+   catalogue keeps the target at all its confidences.
 """
 from __future__ import annotations
 
@@ -47,11 +59,12 @@ from clad.detectors.capabilities import GradCAM, ImageTextSpace, PatchFeatures
 from clad.explain.catalogue import Catalogue
 from clad.explain.explanation import Explanation, NormalMatch, Region, TypeScore
 from clad.explain.phrases import defect_descriptions, defect_phrase
-from clad.explain.regions import MIN_AREA, extract_regions, location_words
+from clad.explain.regions import MIN_AREA, extract_regions, location_words, peak_component
 from clad.ops.features import patch_embeddings
 from clad.types import AnomalyResult, ImageLike
 
 NORMAL_QUANTILE = 99.5
+ABSTAIN_GAIN = 0.2  # the type is named when the catalogue's own accuracy at that confidence is >= chance + this
 SPACES = ("auto", "shared", "features")
 RULES = ("patches", "prototype", "knn")
 
@@ -121,13 +134,15 @@ class Explainer:
     "patches", "prototype" or "knn"; catalogue_weight: w above; n_types: how many ranked types each region keeps;
     gradcam: calibrate on Grad-CAM maps (explain results of ``gradcam_maps``); object_name: the noun in
     descriptions (default: from the detector's category); weighting: "area" or "anomaly" (how a region's patches
-    are averaged); top_k: patches averaged by the "patches" rule.
+    are averaged); top_k: patches averaged by the "patches" rule; abstain: learn the confidence threshold from
+    the catalogue (step 5); abstain_gain: how far above chance the catalogue's accuracy must stay.
     """
 
     def __init__(self, detector, catalogue: Catalogue | None = None, defect_types: Sequence[str] | None = None,
                  pixel_threshold: float | None = None, min_area: float = MIN_AREA, space: str = "auto",
                  rule: str = "patches", catalogue_weight: float = 0.5, n_types: int = 3, gradcam: bool = False,
-                 object_name: str | None = None, weighting: str = "area", top_k: int = 3, batch_size: int = 16):
+                 object_name: str | None = None, weighting: str = "area", top_k: int = 3, batch_size: int = 16,
+                 abstain: bool = True, abstain_gain: float = ABSTAIN_GAIN):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if rule not in RULES:
@@ -140,6 +155,7 @@ class Explainer:
         self.pixel_threshold, self.min_area, self.space, self.rule = pixel_threshold, min_area, space, rule
         self.catalogue_weight, self.n_types, self.gradcam = catalogue_weight, n_types, gradcam
         self.object_name, self.weighting, self.top_k, self.batch_size = object_name, weighting, top_k, batch_size
+        self.abstain, self.abstain_gain = abstain, abstain_gain
 
     # -- fit ------------------------------------------------------------------------------------------------
     def fit(self, references: Sequence[ImageLike] | None = None,
@@ -161,8 +177,12 @@ class Explainer:
         self.text_ = self._text_embeddings() if self.shared_ and self.types_ else None
         self.memory_ = self._reference_memory(refs) if refs else None
         self.reference_shapes_ = [r.shape[:2] for r in refs]
-        self.examples_, self.banks_, self.normal_bank_ = self._catalogue_banks()
+        self.parts_ = self._catalogue_parts()
+        self.examples_, self.banks_, self.normal_bank_ = self._assemble()
         self.pixel_threshold_, self.pixel_threshold_source_ = self._resolve_pixel_threshold(normal_images or references)
+        self.confidence_threshold_ = None  # the leave-one-out explains without abstaining
+        self.calibration_ = self._leave_one_out() if (self.abstain and self.catalogue is not None) else []
+        self.confidence_threshold_ = confidence_threshold(self.calibration_, len(self.types_), self.abstain_gain)
         return self
 
     def _resolve_space(self, has_references: bool) -> str:
@@ -226,28 +246,76 @@ class Explainer:
             rows.append(F.normalize(emb.mean(0), dim=0))
         return torch.stack(rows)
 
-    def _catalogue_banks(self):
-        """Per type: example descriptors (n, D) and defect patches (m, D); normal patches (N, D); all normalised.
+    def _catalogue_parts(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per catalogue example (in ``catalogue.examples`` order): its type, its descriptor (D,), its defect
+        patches (m, D) and its normal patches (N, D), all normalised.
 
         A defect patch is a grid cell at least 30 % covered by its example's mask (the most covered cell when
-        none is); normal patches are the examples' cells the mask does not touch, plus the references' patches.
+        none is); normal patches are the example's cells the mask does not touch.
         """
         if self.catalogue is None or self.space_ == "none":
+            return []
+        parts = []
+        for e in self.catalogue.examples:
+            grid = self._visual([e.image])[0]  # (D, h, w)
+            w = cell_weights(e.mask, grid.shape[-2:])
+            flat = F.normalize(grid.permute(1, 2, 0), dim=-1)  # (h, w, D)
+            parts.append((e.defect_type, F.normalize(pooled(grid, w), dim=0), flat[w >= min(0.3, float(w.max()))], flat[w == 0]))
+        return parts
+
+    def _assemble(self, leave_out: frozenset = frozenset()):
+        """Per type: example descriptors (n, D) and defect patches (m, D); normal patches (N, D): the examples'
+        unmasked cells plus the references' patches. ``leave_out``: example indices to leave out of all three."""
+        if not self.parts_:
             return {}, {}, None
-        examples, banks, normal = {}, {}, []
-        for t in self.catalogue.defect_types:
-            rows, cells = [], []
-            for e in self.catalogue.of_type(t):
-                grid = self._visual([e.image])[0]  # (D, h, w)
-                w = cell_weights(e.mask, grid.shape[-2:])
-                rows.append(pooled(grid, w))
-                flat = F.normalize(grid.permute(1, 2, 0), dim=-1)  # (h, w, D)
-                cells.append(flat[w >= min(0.3, float(w.max()))])
-                normal.append(flat[w == 0])
-            examples[t], banks[t] = F.normalize(torch.stack(rows), dim=-1), torch.cat(cells)
+        rows, cells, normal = {}, {}, []
+        for i, (t, row, defect, clean) in enumerate(self.parts_):
+            if i in leave_out:
+                continue
+            rows.setdefault(t, []).append(row)
+            cells.setdefault(t, []).append(defect)
+            normal.append(clean)
         if self.memory_ is not None:
             normal.append(self.memory_[0])
-        return examples, banks, torch.cat(normal)
+        return ({t: torch.stack(r) for t, r in rows.items()}, {t: torch.cat(c) for t, c in cells.items()},
+                torch.cat(normal))
+
+    def _leave_one_out(self) -> list[tuple[float, bool]]:
+        """(confidence, named right) of each catalogue example explained as a flagged image (its map from the
+        detector, its regions, its ranking) by the catalogue less one example of every type: in round j the j-th
+        example of each type is left out, so every type keeps as many examples (leaving out one example alone
+        would make its type the only one with fewer examples, and rank it lower); only types with another
+        example take part, so that theirs can be named at all."""
+        examples = self.catalogue.examples
+        position, seen = {}, {}
+        for i, e in enumerate(examples):
+            position[i] = seen.get(e.defect_type, 0)
+            seen[e.defect_type] = position[i] + 1
+        keep = [i for i, e in enumerate(examples) if seen[e.defect_type] > 1]
+        if not keep or not (self.parts_ or self.text_ is not None):
+            return []
+        images = [examples[i].image for i in keep]
+        maps = self._maps(images)
+        pix = self.pixel_threshold_
+        if pix is None:
+            pix = float(np.percentile(np.concatenate([m.ravel() for m in maps]), NORMAL_QUANTILE))
+        out = []
+        full = self.examples_, self.banks_, self.normal_bank_
+        self.calibration_explanations_ = []  # (explanation, true type), for studies of the rule
+        try:
+            for i, amap in zip(keep, maps):
+                held = frozenset(k for k in keep if position[k] == position[i])  # this round's left-out examples
+                self.examples_, self.banks_, self.normal_bank_ = self._assemble(leave_out=held)
+                shared = self.detector.embed_patches([examples[i].image])[0] if self.text_ is not None else None
+                visual = shared if (self.space_ == "shared" and shared is not None) else self._visual([examples[i].image])
+                visual = visual[0] if visual is not None and visual.dim() == 4 else visual
+                e = self._explain_one(amap, float(amap.max()), None, pix, "", shared, visual, "")
+                if e.type_confidence is not None:
+                    out.append((e.type_confidence, e.ranking[0].name == examples[i].defect_type))
+                    self.calibration_explanations_.append((e, examples[i].defect_type))
+        finally:
+            self.examples_, self.banks_, self.normal_bank_ = full
+        return out
 
     def _reference_memory(self, refs: list[np.ndarray]):
         """(N, D) normalised reference patch descriptors, with (image index, row, column, h, w) per row."""
@@ -366,21 +434,31 @@ class Explainer:
 
     def _explain_one(self, amap, score, threshold, pix, source, shared, visual, path) -> Explanation:
         margins = self.margins(visual) if (self.rule == "patches" and visual is not None and self.banks_) else None
+        anomalous = None if threshold is None else bool(score > threshold)
+        components = extract_regions(amap, pix, self.min_area)
+        peak_only = not components and anomalous is not False
+        if peak_only:  # a flagged image always shows where it is most anomalous
+            components = [peak_component(amap)]
         regions = []
-        for c in extract_regions(amap, pix, self.min_area):
-            inside = c.mask if self.weighting == "area" else c.mask * (amap - pix).clip(0)
+        for c in components:
+            inside = c.mask if (self.weighting == "area" or peak_only) else c.mask * (amap - pix).clip(0)
             regions.append(Region(
                 bbox=tuple(int(b) for b in c.bbox), area_percent=100.0 * c.area,
                 location=location_words(c.bbox, amap.shape), peak=c.peak,
                 types=self.rank(shared, visual, inside, margins),
-                nearest_normal=None if visual is None else self._nearest_normal(visual, inside),
+                nearest_normal=None if visual is None else self._nearest_normal(visual, inside), peak_only=peak_only,
             ))
-        anomalous = None if threshold is None else bool(score > threshold)
-        return Explanation(
+        e = Explanation(
             score=score, threshold=None if threshold is None else float(threshold), anomalous=anomalous,
             pixel_threshold=pix, pixel_threshold_source=source, image_size=tuple(int(v) for v in amap.shape),
             regions=regions, image_types=self.rank(shared, visual, None, margins), path=path,
         )
+        ranking = e.ranking
+        if len(ranking) > 1:
+            e.type_confidence = ranking[0].similarity - ranking[1].similarity
+            e.confidence_threshold = getattr(self, "confidence_threshold_", None)
+            e.type_uncertain = e.confidence_threshold is not None and e.type_confidence < e.confidence_threshold
+        return e
 
 
 def explain(detector, images: Sequence[ImageLike], result: AnomalyResult | None = None,
@@ -394,3 +472,29 @@ def explain(detector, images: Sequence[ImageLike], result: AnomalyResult | None 
     """
     ex = Explainer(detector, catalogue=catalogue, defect_types=defect_types, pixel_threshold=pixel_threshold, **options)
     return ex.fit(references=references).explain(images, result)
+
+
+def confidence_threshold(pairs: Sequence[tuple[float, bool]], n_types: int, gain: float = ABSTAIN_GAIN) -> float | None:
+    """The confidence below which a type ranking abstains, from (confidence, named right) pairs of labelled
+    examples (the catalogue's leave-one-out, ``Explainer._leave_one_out``).
+
+    Sort the pairs by confidence, highest first; the accuracy of the first k, with one pseudo-example at chance
+    (``(hits + chance) / (k + 1)``, chance = 1 / n_types, so a few lucky examples do not count as proof), is
+    compared with chance + ``gain``; k* is the largest k that reaches it (0 when none does). The threshold lies
+    half-way between the k*-th and the next confidence; None (never abstain) when every pair is kept or there are
+    fewer than two pairs or types; at the highest confidence when none is kept (answer only above it).
+    """
+    if len(pairs) < 2 or n_types < 2:
+        return None
+    chance = 1.0 / n_types
+    ordered = sorted(pairs, key=lambda p: -p[0])
+    best, hits = 0, 0
+    for k, (_, right) in enumerate(ordered, start=1):
+        hits += bool(right)
+        if (hits + chance) / (k + 1) >= chance + gain:
+            best = k
+    if best == len(ordered):
+        return None
+    if best == 0:
+        return math.nextafter(float(ordered[0][0]), math.inf)
+    return 0.5 * (ordered[best - 1][0] + ordered[best][0])

@@ -7,7 +7,10 @@ with 2 decimals, areas as a percentage with 2 significant digits below 10 % and 
   - one region: ": one region, about A% of the image, LOCATION; TYPES.";
   - n regions: ": n regions; the strongest, about A% of the image, LOCATION: TYPES; others LOC, LOC.";
   - none: ": no region above the pixel threshold P" and, when types are known, "; for the whole image, TYPES";
-- TYPES: "most likely PHRASE (sim), else PHRASE (sim)" from the region's ranking, or "type unknown".
+- a region found only around the map's peak (``Region.peak_only``) adds ", the area around the map's peak (nothing
+  above the pixel threshold P)" to its place;
+- TYPES: "most likely PHRASE (sim), else PHRASE (sim)" from the region's ranking, "type uncertain (closest:
+  PHRASE (sim) or PHRASE (sim))" when the ranking abstains (``type_uncertain``), or "type unknown".
 Regions are ordered by peak value, so "the strongest" is the first; at most three other locations are named.
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Region:
     peak: float  # largest map value inside
     types: list[TypeScore] = field(default_factory=list)  # most similar first; empty when types are unknown
     nearest_normal: NormalMatch | None = None
+    peak_only: bool = False  # nothing passed the pixel threshold: the component around the map's maximum
 
 
 @dataclass
@@ -74,17 +78,24 @@ class Explanation:
     regions: list[Region] = field(default_factory=list)  # highest peak first
     image_types: list[TypeScore] = field(default_factory=list)  # ranking of the whole image
     path: str = ""
+    type_confidence: float | None = None  # similarity margin of the named ranking's first type over its second
+    confidence_threshold: float | None = None  # below it the type is uncertain (learnt from the catalogue)
+    type_uncertain: bool = False  # the ranking abstains: ``named_type`` is None, the ranking stays
+
+    @property
+    def ranking(self) -> list[TypeScore]:
+        """The ranking the explanation names from: of the strongest region, else of the whole image."""
+        return self.regions[0].types if self.regions else self.image_types
 
     @property
     def named_type(self) -> str | None:
-        """The type the explanation names: top type of the strongest region, else of the whole image."""
-        ranking = self.regions[0].types if self.regions else self.image_types
-        return ranking[0].name if ranking else None
+        """The type the explanation names: top type of the strongest region, else of the whole image; None when
+        types are unknown or uncertain (``type_uncertain``)."""
+        return self.ranking[0].name if (self.ranking and not self.type_uncertain) else None
 
     def ranked_types(self, whole_image: bool = False) -> list[str]:
         """Type names, most similar first: of the strongest region (else the whole image), or of the whole image."""
-        ranking = self.regions[0].types if (self.regions and not whole_image) else self.image_types
-        return [t.name for t in ranking]
+        return [t.name for t in (self.image_types if whole_image else self.ranking)]
 
     @property
     def sentence(self) -> str:
@@ -97,15 +108,18 @@ class Explanation:
             p = "none set" if self.pixel_threshold is None else fmt_value(self.pixel_threshold)
             text = f"{head}: no region above the pixel threshold {p}"
             if self.image_types:
-                text += f"; for the whole image, {_types(self.image_types)}"
+                text += f"; for the whole image, {_types(self.image_types, self.type_uncertain)}"
             return text + "."
         r = self.regions[0]
         where = f"about {fmt_percent(r.area_percent)}% of the image, {r.location}"
+        if r.peak_only:
+            where += f", the area around the map's peak (nothing above the pixel threshold {fmt_value(self.pixel_threshold)})"
+        types = _types(r.types, self.type_uncertain)
         if n == 1:
-            return f"{head}: one region, {where}; {_types(r.types)}."
+            return f"{head}: one region, {where}; {types}."
         count = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
         others = ", ".join(o.location for o in self.regions[1:4]) + (", ..." if n > 4 else "")
-        return f"{head}: {count} regions; the strongest, {where}: {_types(r.types)}; others {others}."
+        return f"{head}: {count} regions; the strongest, {where}: {types}; others {others}."
 
     def to_dict(self) -> dict:
         """JSON-ready fields plus the sentence."""
@@ -127,17 +141,19 @@ class Explanation:
                 bbox=tuple(r["bbox"]), area_percent=r["area_percent"], location=r["location"], peak=r["peak"],
                 types=types(r.get("types", [])),
                 nearest_normal=None if nn is None else NormalMatch(nn["reference"], tuple(nn["box"]), nn["similarity"]),
+                peak_only=bool(r.get("peak_only", False)),
             ))
         return cls(score=d["score"], threshold=d["threshold"], anomalous=d["anomalous"],
                    pixel_threshold=d["pixel_threshold"], pixel_threshold_source=d["pixel_threshold_source"],
                    image_size=tuple(d["image_size"]), regions=regions, image_types=types(d.get("image_types", [])),
-                   path=d.get("path", ""))
+                   path=d.get("path", ""), type_confidence=d.get("type_confidence"),
+                   confidence_threshold=d.get("confidence_threshold"), type_uncertain=bool(d.get("type_uncertain", False)))
 
 
-def _types(ranking: list[TypeScore]) -> str:
+def _types(ranking: list[TypeScore], uncertain: bool = False) -> str:
     if not ranking:
         return "type unknown"
-    first = f"most likely {ranking[0].phrase} ({fmt_similarity(ranking[0].similarity)})"
+    pair = f"{ranking[0].phrase} ({fmt_similarity(ranking[0].similarity)})"
     if len(ranking) > 1:
-        first += f", else {ranking[1].phrase} ({fmt_similarity(ranking[1].similarity)})"
-    return first
+        pair += f"{' or' if uncertain else ', else'} {ranking[1].phrase} ({fmt_similarity(ranking[1].similarity)})"
+    return f"type uncertain (closest: {pair})" if uncertain else f"most likely {pair}"

@@ -7,9 +7,18 @@ is among the first three. Chance levels: 1 / n_types and min(1, 3 / n_types). On
 With ``catalogue_shots=N``, N examples per defect type are drawn from the test set (``few_shot_paths`` on their
 paths, with ``seed``) as the catalogue, and both rankings (descriptions only, descriptions + catalogue) are
 measured on the remaining defective images, so the two figures share one image set.
+
+Abstention (``coverage_curve``): the images are sorted by their ranking's confidence (``type_confidence``, the
+similarity margin of the first type over the second), most confident first; the top-1 accuracy of the first
+10 %, 20 %, ..., 100 % is the accuracy at that coverage (the first ceil(c * n) images; ties in confidence keep
+the images' order). ``at_threshold``: the accuracy and coverage of the images the explanations answered (not
+``type_uncertain``), with the threshold the explainer learnt from its catalogue alone. ``calibration``: the
+catalogue's leave-one-out (confidence, right) pairs it was learnt from; ``confidence_right``: the same per measured
+image.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from clad.data.datasets import few_shot_paths
@@ -56,9 +65,41 @@ def naming_accuracy(explanations: Sequence[Explanation], truth: Sequence[str], n
     }
 
 
+COVERAGES = tuple(round(0.1 * k, 1) for k in range(1, 11))
+
+
+def coverage_curve(explanations: Sequence[Explanation], truth: Sequence[str],
+                   coverages: Sequence[float] = COVERAGES) -> list[dict]:
+    """top-1 accuracy of the most confident share of the images, per coverage (rule in the module docstring);
+    images without a confidence (fewer than two ranked types) come last."""
+    order = sorted(range(len(explanations)), key=lambda i: -(explanations[i].type_confidence
+                                                             if explanations[i].type_confidence is not None else -math.inf))
+    right = [bool(explanations[i].ranked_types()[:1] == [truth[i]]) for i in order]
+    out = []
+    for c in coverages:
+        k = max(1, math.ceil(c * len(right) - 1e-9)) if right else 0
+        out.append({"coverage": c, "top1": sum(right[:k]) / k if k else float("nan"), "n_images": k})
+    return out
+
+
+def abstention(explanations: Sequence[Explanation], truth: Sequence[str]) -> dict:
+    """The curve, and the accuracy and coverage of the answered images at the explainer's learnt threshold."""
+    answered = [i for i, e in enumerate(explanations) if not e.type_uncertain]
+    hits = sum(explanations[i].named_type == truth[i] for i in answered)
+    return {
+        "coverage_curve": coverage_curve(explanations, truth),
+        "at_threshold": {
+            "threshold": explanations[0].confidence_threshold if explanations else None,
+            "coverage": len(answered) / len(explanations) if explanations else float("nan"),
+            "top1": hits / len(answered) if answered else float("nan"),
+            "n_images": len(answered),
+        },
+    }
+
+
 def evaluate_naming(detector, samples: Sequence[Sample], result: AnomalyResult, catalogue_shots: int | None = None,
                     catalogue: Catalogue | None = None, seed: int = 0, references: Sequence[ImageLike] | None = None,
-                    normal_images: Sequence[ImageLike] | None = None, **options) -> dict:
+                    normal_images: Sequence[ImageLike] | None = None, keep_rankings: bool = False, **options) -> dict:
     """Measure type naming on the defective ``samples`` (with their ``result``), with and without a catalogue.
 
     catalogue_shots: draw the catalogue from ``samples`` (see the module docstring); catalogue: a given one
@@ -89,6 +130,16 @@ def evaluate_naming(detector, samples: Sequence[Sample], result: AnomalyResult, 
         out[key]["space"] = ex.space_ if cat is not None else "shared"
         out["pixel_threshold"], out["pixel_threshold_source"] = explanations[0].pixel_threshold, explanations[0].pixel_threshold_source
         out[key]["with_region"] = sum(bool(e.regions) for e in explanations) / max(1, len(explanations))
+        out[key]["peak_only"] = sum(bool(e.regions) and e.regions[0].peak_only for e in explanations) / max(1, len(explanations))
+        out[key].update(abstention(explanations, truth))
+        out[key]["calibration"] = [[c, bool(r)] for c, r in ex.calibration_]  # the catalogue's leave-one-out
+        if keep_rankings and key == "catalogue":
+            def rankings(e):
+                return [[[t.name, t.similarity] for t in e.ranking], [[t.name, t.similarity] for t in e.image_types]]
+
+            out["_rankings"] = {"test": [[rankings(e), t] for e, t in zip(explanations, truth)],
+                                "catalogue": [[rankings(e), t] for e, t in getattr(ex, "calibration_explanations_", [])]}
+        out[key]["confidence_right"] = [[e.type_confidence, e.ranked_types()[:1] == [t]] for e, t in zip(explanations, truth)]
     return out
 
 
@@ -115,4 +166,14 @@ def format_naming(res: dict) -> str:
         lines.append(f"  {label:<30} top-1 {r['top1']:.3f} (chance {r['chance_top1']:.3f})  "
                      f"top-3 {r['top3']:.3f} (chance {r['chance_top3']:.3f})  on {r['n_images']} images; "
                      f"whole-image ranking: top-1 {r['image_top1']:.3f}, top-3 {r['image_top3']:.3f}")
+        curve = "  ".join(f"{p['coverage']:.0%} {p['top1']:.2f}" for p in r["coverage_curve"])
+        lines.append(f"  {'':<30} top-1 by coverage: {curve}")
+        a = r["at_threshold"]
+        if a["threshold"] is None:
+            n = len(r.get("calibration", []))
+            why = "it answered all of them" if n >= 2 else "needs two examples of a type"
+            lines.append(f"  {'':<30} no abstention threshold from the catalogue's {n} leave-one-out examples ({why})")
+        else:
+            lines.append(f"  {'':<30} at the catalogue's threshold {a['threshold']:.3g}: top-1 {a['top1']:.3f} "
+                         f"on {a['coverage']:.0%} of the images ({a['n_images']}), the rest 'type uncertain'")
     return "\n".join(lines)

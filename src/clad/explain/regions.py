@@ -97,3 +97,20 @@ def extract_regions(amap: np.ndarray, threshold: float, min_area: float = MIN_AR
         out.append(Component(mask, (xs.start, ys.start, xs.stop, ys.stop), area, float(amap[mask].max())))
     out.sort(key=lambda c: -c.peak)
     return out
+
+
+PEAK_FRACTION = 0.5  # the peak component: map >= median + PEAK_FRACTION * (peak - median)
+
+
+def peak_component(amap: np.ndarray, fraction: float = PEAK_FRACTION) -> Component:
+    """The region around the map's maximum, for an image flagged anomalous whose map has no component above the
+    pixel threshold: the connected component (8-connected) holding the maximum of
+    ``amap >= median + fraction * (max - median)`` (half-way from the map's median to its peak by default), of
+    any size. A flat map gives the whole image."""
+    amap = np.asarray(amap, dtype=np.float32)
+    peak, median = float(amap.max()), float(np.median(amap))
+    labels, _ = ndimage.label(amap >= median + fraction * (peak - median), structure=np.ones((3, 3), bool))
+    mask = labels == labels.flat[int(np.argmax(amap))]
+    ys, xs = np.nonzero(mask)
+    bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return Component(mask, bbox, float(mask.sum()) / amap.size, peak)
