@@ -126,10 +126,9 @@ class WinCLIP(Detector):
             return
         arrays, _ = load_batch(images)
         parts = [self._encode(arrays[i : i + 8]) for i in range(0, len(arrays), 8)]
-        d = self.text_prototypes_.shape[1]
-        self.patch_memory_ = torch.cat([p[1].reshape(-1, d) for p in parts])  # (n * N, D)
+        self.patch_memory_ = torch.cat([p[1].flatten(0, 1) for p in parts])  # (n * N, D)
         n_scales = len(self.config.window_sizes)
-        self.window_memory_ = [torch.cat([p[2][s].reshape(-1, d) for p in parts]) for s in range(n_scales)]  # (n*K_s, D)
+        self.window_memory_ = [torch.cat([p[2][s].flatten(0, 1) for p in parts]) for s in range(n_scales)]  # (n*K_s, D)
 
     def score_maps(self, image, patches, windows, masks) -> dict[str, torch.Tensor]:
         """Scores from embeddings: image_zero_shot (B,), language (B, N), and with references visual (B, N),
