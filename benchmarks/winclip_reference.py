@@ -15,9 +15,10 @@ benchmarks/README.md, "WinCLIP against anomalib's"). Nothing is downloaded:
    temperature; anomalib's references are the same images clad fits on. Spearman rank correlations of the image
    scores and of the maps (flattened, both at 240 x 240) are printed per category and setting as markdown.
 
-Rows: ``matched`` gives clad anomalib's prompt lists, prototype (mean of raw text embeddings) and patch embeddings
-(unprojected tokens), so every remaining difference is the computation; ``clad`` is clad as it is (its prompt lists, the mean of normalised
-embeddings, the map smoothed with sigma 4 and its own resize) against anomalib as it is.
+Variants: ``matched`` gives clad anomalib's prompt lists, prototype (the mean of raw text embeddings) and patch
+embeddings (unprojected tokens), so any remaining difference is in the computation; ``clad`` is clad as it is;
+``clad -X`` matches all but X (``prompts``, ``prototype``, ``patches``), which stays clad's. The last map column
+uses clad's final map (upsampled and smoothed with sigma 4, at 240 x 240) instead of its patch grid.
 
     /work/venvs/anomalib/bin/python benchmarks/winclip_reference.py --data ../shared/data --n-test 40
 """
@@ -52,6 +53,7 @@ import clad.ops.prompts as clad_prompts  # noqa: E402
 from clad.backbones.openclip_convert import save_hf_clip  # noqa: E402
 from clad.data.datasets import few_shot_paths  # noqa: E402
 from clad.data.io import load_batch, load_image  # noqa: E402
+from clad.ops.smoothing import smooth_working  # noqa: E402
 
 MODEL = "winclip-ref-tiny"
 MODEL_CFG = {
@@ -61,6 +63,10 @@ MODEL_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
 }
 SIZE, SCALES, SEED = 240, (2, 3), 0
+# What each variant takes from anomalib: its prompt lists, its prototype (mean of raw text embeddings), its patch
+# embeddings (unprojected tokens). "clad -X": everything matched but X, which stays clad's.
+ALL = {"prompts", "prototype", "patches"}
+MATCHED = {"matched": ALL, "clad": set(), **{f"clad -{x}": ALL - {x} for x in sorted(ALL)}}
 CATEGORIES = {"bottle": "mvtec_ad/bottle", "magnetic_tile": "magnetic_tile"}
 
 
@@ -149,14 +155,15 @@ def run(args) -> None:
         class_name = clad_prompts.object_name_for(cat)
         for shots in args.shots:
             refs = [load_image(p) for p in few_shot_paths(train, shots, SEED)] if shots else [load_image(train[0])]
-            for variant in ("matched", "clad"):
-                use_anomalib_prompts(variant == "matched")
+            for variant in args.variants:
+                matched = MATCHED[variant]
+                use_anomalib_prompts("prompts" in matched)
                 det = clad.create_detector("winclip", backbone=f"clip:{folder}", category=cat, few_shot=shots > 0,
                                            image_size=SIZE, window_sizes=SCALES, seed=SEED)
-                if variant == "matched":
+                if "patches" in matched:
                     unprojected_patch_memory(det._backbone())
                 det.fit(refs)
-                if variant == "matched":
+                if "prototype" in matched:
                     raw_mean_prototypes(det, class_name)
                 bb = det._backbone()
                 x_ref = bb.preprocess(load_batch(refs)[0], SIZE)
@@ -172,21 +179,21 @@ def run(args) -> None:
                     with torch.inference_mode():
                         out = det.score_maps(*det._encode(arrays))
                         res = model(x)
-                        final = det.predict(arrays)
+
                     g = SIZE // bb.patch_size
                     s_c.append(out["score"])
                     m_c.append(F.interpolate(out["map"].view(-1, 1, g, g), size=(SIZE, SIZE), mode="bilinear")[:, 0])
                     s_a.append(res.pred_score)
                     m_a.append(res.anomaly_map)
-                    m_final += [F.interpolate(torch.from_numpy(m)[None, None], size=(SIZE, SIZE), mode="bilinear")[0, 0]
-                                for m in final.anomaly_maps]
+                    # clad's final map (what predict returns), at the working size instead of each image's own
+                    m_final.append(smooth_working(out["map"].view(-1, g, g), SIZE, det.config.sigma))
                 s_c, s_a = torch.cat(s_c), torch.cat(s_a)
-                m_c, m_a, m_final = torch.cat(m_c), torch.cat(m_a), torch.stack(m_final)
+                m_c, m_a, m_final = torch.cat(m_c), torch.cat(m_a), torch.cat(m_final)
                 rows.append([cat, shots, variant, rho(s_c, s_a), rho(m_c, m_a), rho(m_final, m_a),
                              (s_c - s_a).abs().max().item(), (m_c - m_a).abs().max().item(), time.perf_counter() - t0])
                 print(" | ".join(str(v) if not isinstance(v, float) else f"{v:.4g}" for v in rows[-1]), flush=True)
     use_anomalib_prompts(False)
-    head = ["category", "shots", "clad", "image score rho", "map rho (grid, bilinear)", "map rho (clad's final map)",
+    head = ["category", "shots", "variant", "image score rho", "map rho (grid, bilinear)", "map rho (clad's final map)",
             "max abs score diff", "max abs map diff"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
@@ -197,6 +204,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
     p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["matched", "clad"],
+                   help=f"comma-separated, of {sorted(MATCHED)}")
     p.add_argument("--shots", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 4])
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

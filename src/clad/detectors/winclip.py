@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from clad.data.io import load_batch
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import from_config
 from clad.errors import ConfigError
 from clad.ops.knn import knn
 from clad.ops.prompts import object_name_for, prompt_ensemble
@@ -92,6 +93,7 @@ class WinCLIP(Detector):
     """WinCLIP (zero-shot) or WinCLIP+ (few-shot, ``few_shot=True``) on a Hugging Face CLIP model."""
 
     Config = WinCLIPConfig
+    fits_without_references = from_config(lambda c: not c.few_shot)  # zero-shot WinCLIP: ``--shots 0``
 
     def _backbone(self):
         if getattr(self, "backbone_", None) is None:
