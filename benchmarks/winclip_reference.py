@@ -17,7 +17,9 @@ benchmarks/README.md, "WinCLIP against anomalib's"). Nothing is downloaded:
 
 Variants: ``matched`` gives clad anomalib's prompt lists, prototype (the mean of raw text embeddings) and patch
 embeddings (unprojected tokens), so any remaining difference is in the computation; ``clad`` is clad as it is;
-``clad -X`` matches all but X (``prompts``, ``prototype``, ``patches``), which stays clad's. The last map column
+``clad -X`` matches all but X (``prompts``, ``prototype``, ``patches``), which stays clad's; ``matched+own-
+resize`` is ``matched`` with anomalib given its own pre-processing (bicubic resize of the float image) instead
+of clad's tensors. The last map column
 uses clad's final map (upsampled and smoothed with sigma 4, at 240 x 240) instead of its patch grid.
 
     /work/venvs/anomalib/bin/python benchmarks/winclip_reference.py --data ../shared/data --n-test 40
@@ -66,7 +68,8 @@ SIZE, SCALES, SEED = 240, (2, 3), 0
 # What each variant takes from anomalib: its prompt lists, its prototype (mean of raw text embeddings), its patch
 # embeddings (unprojected tokens). "clad -X": everything matched but X, which stays clad's.
 ALL = {"prompts", "prototype", "patches"}
-MATCHED = {"matched": ALL, "clad": set(), **{f"clad -{x}": ALL - {x} for x in sorted(ALL)}}
+MATCHED = {"matched": ALL, "clad": set(), **{f"clad -{x}": ALL - {x} for x in sorted(ALL)},
+           "matched+own-resize": ALL | {"own resize"}}
 CATEGORIES = {"bottle": "mvtec_ad/bottle", "magnetic_tile": "magnetic_tile"}
 
 
@@ -134,6 +137,16 @@ def unprojected_patch_memory(bb) -> None:
     bb.encode_dense = encode_dense
 
 
+def anomalib_preprocess(arrays) -> torch.Tensor:
+    """anomalib's WinClip pre-processor (lightning_model.py): Resize((240, 240), bicubic, antialias), Normalize
+    with OpenAI's mean and std, on the [0, 1] float image; clad resizes the uint8 image bilinearly."""
+    from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+    t = Compose([Resize((SIZE, SIZE), antialias=True, interpolation=InterpolationMode.BICUBIC),
+                 Normalize(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))])
+    return torch.stack([t(torch.from_numpy(a).permute(2, 0, 1).float() / 255) for a in arrays])
+
+
 def rho(a, b) -> float:
     return float(spearmanr(np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()).statistic)
 
@@ -170,6 +183,9 @@ def run(args) -> None:
                 if not checked:
                     print("towers:", tower_check(oc, bb, x_ref[:1]))
                     checked = True
+                own = "own resize" in matched
+                if own:
+                    x_ref = anomalib_preprocess(load_batch(refs)[0])
                 model = anomalib_model(state, class_name, x_ref if shots else None)
                 s_c, m_c, m_a, s_a, m_final = [], [], [], [], []
                 t0 = time.perf_counter()
@@ -178,7 +194,7 @@ def run(args) -> None:
                     x = bb.preprocess(arrays, SIZE)
                     with torch.inference_mode():
                         out = det.score_maps(*det._encode(arrays))
-                        res = model(x)
+                        res = model(anomalib_preprocess(arrays) if own else x)
 
                     g = SIZE // bb.patch_size
                     s_c.append(out["score"])
