@@ -45,8 +45,8 @@ def free_port() -> int:
 class PostgresServer:
     """``start()`` a cluster, ``create_database(name)`` for a URL, ``stop()``."""
 
-    def __init__(self, bindir: Path):
-        self.bindir = bindir
+    def __init__(self, bindir: Path, fsync: bool = False):
+        self.bindir, self.fsync = bindir, fsync  # fsync off for tests; on where commit rates are measured
         self.password = secrets.token_hex(12)
         self.root = Path(tempfile.mkdtemp(prefix="clad-pg-"))  # in /tmp: a folder the postgres user can reach
         self.data, self.sockets, self.log = self.root / "data", self.root / "sockets", self.root / "server.log"
@@ -74,7 +74,7 @@ class PostgresServer:
         pwfile.unlink()
         for _ in range(5):  # another process may take the free port between the probe and the start
             self.port = free_port()
-            options = f"-h 127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off -c max_connections=200"
+            options = f"-h 127.0.0.1 -p {self.port} -k {self.sockets} -c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
             try:
                 self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                           "-w", "-t", "60", "start")

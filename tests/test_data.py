@@ -106,7 +106,8 @@ def test_few_shot_is_reproducible_per_seed(synth):
 def test_few_shot_errors(synth):
     with pytest.raises(DatasetError, match="only 8 image"):
         MVTecAD(synth, "tile", "train", n_shots=9)
-    for bad in (0, -1, 1.5, True):
+    assert few_shot_paths(["a.png"], 0, 0) == []  # zero-shot: no reference
+    for bad in (-1, 1.5, True):
         with pytest.raises(ValueError):
             few_shot_paths(["a.png"], bad, 0)
     with pytest.raises(ValueError, match="split='train'"):

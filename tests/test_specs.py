@@ -36,8 +36,9 @@ def test_data_and_shots_syntax(tmp_path):
     with pytest.raises(ValueError):
         parse_data_specs("imagenet:/x")
     assert parse_shots("1,2,4,all") == [1, 2, 4, None]
+    assert parse_shots("0") == [0]  # zero-shot (tests/test_zero_shot.py)
     with pytest.raises(ValueError):
-        parse_shots("0")
+        parse_shots("-1")
 
 
 def test_params_and_single_shot():
@@ -47,7 +48,8 @@ def test_params_and_single_shot():
         with pytest.raises(CladError, match="--param"):
             parse_params(bad)
     assert parse_shot("4") == 4 and parse_shot("all") is None and parse_shot(None) is None
-    for bad in ("0", "-1", "x", "1.5"):
+    assert parse_shot("0") == 0  # zero-shot
+    for bad in ("-1", "x", "1.5"):
         with pytest.raises(CladError, match="--shots"):
             parse_shot(bad)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from clad.metrics_catalog import eval_rows
-from clad.specs import argument_type, parse_int, parse_number, parse_shot
+from clad.specs import argument_type, parse_int, parse_number, parse_shot, shots_text
 
 DEFAULT_DETECTOR = "patchcore"
 EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
@@ -60,7 +60,9 @@ def _build_detector(args, category: str | None = None):
     params = parse_params(args.param)
     if getattr(args, "backbone", None):
         params["backbone"] = args.backbone
-    params = detector_params(args.detector, params, seed=args.seed, category=category, aux=getattr(args, "aux", None))
+    shots = parse_shot(args.shots) if getattr(args, "shots", None) is not None else None
+    params = detector_params(args.detector, params, seed=args.seed, category=category, aux=getattr(args, "aux", None),
+                             shots=shots)
     try:
         return create_detector(args.detector, **params)
     except (TypeError, ValueError) as e:  # building only stores and checks the parameters: theirs is the mistake
@@ -82,7 +84,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="mvtec:ROOT, visa:ROOT or folder:GOOD_DIR[,DEFECT_DIR[,MASK_DIR]]")
     p.add_argument("--category", help="dataset category (e.g. bottle); not needed for folder:")
-    p.add_argument("--shots", default="all", help="number of normal references from train/good, or 'all' (default)")
+    p.add_argument("--shots", default="all", help="number of normal references from train/good, 'all' (default), "
+                   "or 0: none (zero-shot winclip)")
 
 
 # -- fit ------------------------------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ def cmd_fit(args) -> int:
         samples, failures = load_split(train, desc="loading references")
         for f in failures:
             print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
-        if not samples:
+        if not samples and (failures or not det.fits_without_references):
             from clad.errors import DatasetError
 
             raise DatasetError(f"{args.data}: no reference image could be read ({len(failures)} skipped)")
@@ -307,8 +310,8 @@ def _eval(args) -> int:
         for f in res["failures"]:
             print(f"  skipped {f['path']}: {f['error']}", file=sys.stderr)
         raise DatasetError(f"{args.data}: no test image could be read, so there is nothing to measure")
-    res.update(data=args.data, category=args.category, shots="all" if shots is None else shots, seed=args.seed, environment=environment())
-    name = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
+    res.update(data=args.data, category=args.category, shots=shots_text(shots), seed=args.seed, environment=environment())
+    name = f"{args.category or 'folder'} | {det.name} | shots={shots_text(shots)} seed={args.seed}"
     print(name)
     for label, key in eval_rows():  # every figure declared in clad.metrics_catalog
         v = res.get(key)
@@ -373,7 +376,7 @@ def _report(args) -> int:
     types = sorted({t for t, y in zip(test.defect_types, test.labels) if y}) or None
     catalogue = Catalogue.from_folder(args.catalogue) if args.catalogue else None
     explainer = Explainer(det, catalogue=catalogue, defect_types=types).fit(refs, normals or None)
-    title = f"{args.category or 'folder'} | {det.name} | shots={shots or 'all'} seed={args.seed}"
+    title = f"{args.category or 'folder'} | {det.name} | shots={shots_text(shots)} seed={args.seed}"
     scored = EvalSink(args.pixel_eval_size)
     report = HTMLReport(args.out, title=title, threshold=det.threshold_, references=refs, metrics=lambda: dict(
         scored.metrics, fit_seconds=fit_s, predict_ms_per_image=scored.predict_ms_per_image))

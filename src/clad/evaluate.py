@@ -62,6 +62,10 @@ def fit_references(detector: Detector, train, progress: bool = True, fitted_from
     Returns (reference images, fit seconds or None when adopted, failures: [{"path", "error"}]).
     """
     train_samples, failures = load_split(train, progress, "loading references")
+    if not train_samples and not failures and detector.fits_without_references:  # zero-shot: --shots 0
+        t0 = time.perf_counter()
+        detector.fit([])
+        return [], time.perf_counter() - t0, failures
     if not train_samples:
         raise CladError("no usable reference image: " + "; ".join(f["error"] for f in failures))
     refs = [s.image for s in train_samples]

@@ -61,15 +61,15 @@ def parse_params(items: Sequence[str] | None, what: str = "--param") -> dict[str
 
 
 def parse_shot(item: Any) -> int | None:
-    """``"4"`` -> 4, ``"all"`` (or None) -> None: every reference image."""
+    """``"4"`` -> 4, ``"all"`` (or None) -> None: every reference image; ``"0"`` -> 0: none (zero-shot)."""
     if item is None or str(item).strip().lower() == "all":
         return None
     try:
         n = int(str(item).strip())
     except ValueError:
-        raise SpecError(f"--shots: expected a positive integer or 'all', got {item!r}") from None
-    if n < 1:
-        raise SpecError(f"--shots: must be >= 1, got {n}")
+        raise SpecError(f"--shots: expected 0 (zero-shot), a positive integer or 'all', got {item!r}") from None
+    if n < 0:
+        raise SpecError(f"--shots: must be >= 0 (0: zero-shot), got {n}")
     return n
 
 
@@ -206,12 +206,19 @@ def takes(name: str, param: str) -> bool:
 
 
 def detector_params(name: str, params: dict, *, seed: int | None = None, category: str | None = None,
-                    aux: str | None = None) -> dict:
+                    aux: str | None = None, shots: int | None = None) -> dict:
     """The parameters detector ``name`` is built with: ``params``, plus the run's seed, category and auxiliary
     data where its config has those fields and ``params`` does not set them. ``aux`` on a detector without the
-    field is an error (it would be silently ignored otherwise)."""
+    field is an error (it would be silently ignored otherwise). ``shots=0`` (no reference image) sets
+    ``few_shot=False`` on a detector that has the field (WinCLIP: zero-shot) and is an error on any other."""
     fields = _config_fields(name)
     out = dict(params)
+    if shots == 0:
+        if "few_shot" not in fields:
+            raise SpecError(f"--shots 0: detector {name!r} needs reference images; only a zero-shot detector "
+                            "(winclip) fits without any")
+        if out.setdefault("few_shot", False):
+            raise SpecError(f"--shots 0: detector {name!r} has few_shot=True, which needs reference images")
     for key, value in (("seed", seed), ("category", category)):
         if value is not None and key in fields:
             out.setdefault(key, value)

@@ -1,7 +1,7 @@
 """CLIP (Hugging Face ``transformers.CLIPModel``) behind the feature contract, plus its text tower.
 
 ``create_backbone("clip:/path/to/folder")`` loads a saved CLIP (e.g. ``openai/clip-vit-base-patch16``) from a local
-folder; a hub name is tried only when the environment allows downloads. The weights are never bundled: the user
+folder; ``clip:HUB_ID`` from the Hugging Face cache, else from the hub unless ``HF_HUB_OFFLINE`` is set. The weights are never bundled: the user
 supplies them. Besides the contract (``forward(x, layers)`` -> patch-token grids of chosen transformer blocks), the
 backbone gives what the language-guided detectors need: projected image, patch, window and text embeddings.
 """
@@ -32,25 +32,52 @@ def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _load(source: str):
-    """``source``: a folder or a hub name -> (CLIPModel, tokenizer, preprocessing mean/std or None)."""
+def _hub_help(hub_id: str) -> str:
+    return (f"on a machine with access run `huggingface-cli download {hub_id} --local-dir DIR`, copy DIR here and "
+            f"pass --backbone clip:DIR")
+
+
+def _from_pretrained(where: str, local_only: bool):
     from transformers import AutoTokenizer, CLIPModel
 
+    return (CLIPModel.from_pretrained(where, local_files_only=local_only),
+            AutoTokenizer.from_pretrained(where, local_files_only=local_only))
+
+
+def _cached_file(hub_id: str, name: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_id, name)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _load(source: str):
+    """``source``: a folder, or a hub name looked up in the Hugging Face cache, then (unless ``HF_HUB_OFFLINE``)
+    on the hub -> (CLIPModel, tokenizer, preprocessing mean/std or None)."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        where, local_only = str(folder), True
+        try:
+            model, tokenizer = _from_pretrained(str(folder), True)
+        except (OSError, ValueError) as e:  # missing or unreadable files
+            raise ModelNotFoundError(f"cannot load a CLIP model and tokenizer from {source!r} ({e}); {_HOW}") from e
     elif _HUB_ID.match(source) and not source.startswith((".", "~")):
-        where, local_only = source, _offline()
+        try:
+            model, tokenizer = _from_pretrained(source, True)  # the Hugging Face cache (HF_HOME / HF_HUB_CACHE)
+        except (OSError, ValueError) as cached:
+            if _offline():
+                raise ModelNotFoundError(f"CLIP model {source!r} is not a folder nor in the Hugging Face cache and "
+                                         f"HF_HUB_OFFLINE is set; {_hub_help(source)}") from cached
+            try:
+                model, tokenizer = _from_pretrained(source, False)
+            except Exception as e:  # noqa: BLE001 - no network (any client's error), unknown name, gated model
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelNotFoundError(f"CLIP model {source!r} is not a folder, not in the Hugging Face cache, and "
+                                         f"the hub did not give it ({reason}); {_hub_help(source)}") from e
     else:
         raise ModelNotFoundError(f"CLIP model folder {source!r} does not exist; {_HOW}")
-    try:
-        model = CLIPModel.from_pretrained(where, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
-    except (OSError, ValueError) as e:  # missing files, hub name unknown or not cached while offline
-        raise ModelNotFoundError(f"cannot load a CLIP model and tokenizer from {source!r} ({e}); {_HOW}") from e
     norm = None
-    pre = folder / "preprocessor_config.json"
-    if pre.is_file():
+    pre = folder / "preprocessor_config.json" if folder.is_dir() else _cached_file(source, "preprocessor_config.json")
+    if pre is not None and pre.is_file():
         doc = json.loads(pre.read_text())
         if "image_mean" in doc and "image_std" in doc:
             norm = (tuple(doc["image_mean"]), tuple(doc["image_std"]))

@@ -69,7 +69,8 @@ class Run:
 
     def detector_params(self) -> dict:
         """The parameters the detector is built with: the spec's, plus this run's seed and category."""
-        return detector_params(self.detector.name, self.detector.params, seed=self.seed, category=self.category)
+        return detector_params(self.detector.name, self.detector.params, seed=self.seed, category=self.category,
+                               shots=self.shots)
 
     def settings(self) -> dict:
         """Everything that determines this run's figures; its hash is the cache key."""

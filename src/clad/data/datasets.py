@@ -27,13 +27,14 @@ def few_shot_paths(paths: Sequence[str | Path], n_shots: int | None, seed: int =
     """Draw ``n_shots`` of ``paths`` reproducibly: the same seed gives the same images, whatever the listing order.
 
     The paths are sorted, permuted by ``numpy.random.default_rng(seed)`` and the first ``n_shots`` kept (returned
-    sorted), so for one seed a larger draw contains every smaller one. ``n_shots=None`` keeps them all.
+    sorted), so for one seed a larger draw contains every smaller one. ``n_shots=None`` keeps them all, 0 none
+    (zero-shot: a detector that fits without references).
     """
     ordered = sorted(str(p) for p in paths)
     if n_shots is None:
         return ordered
-    if isinstance(n_shots, bool) or not isinstance(n_shots, (int, np.integer)) or n_shots < 1:
-        raise DatasetError(f"n_shots must be a positive integer or None, got {n_shots!r}")
+    if isinstance(n_shots, bool) or not isinstance(n_shots, (int, np.integer)) or n_shots < 0:
+        raise DatasetError(f"n_shots must be 0 (zero-shot), a positive integer or None, got {n_shots!r}")
     if n_shots > len(ordered):
         raise DatasetError(f"n_shots={n_shots} but only {len(ordered)} image(s) are available")
     order = np.random.default_rng(seed).permutation(len(ordered))[: int(n_shots)]

@@ -226,6 +226,7 @@ class Detector:
     # is a map threshold); ``add_references`` adds normal references without a refit.
     score_is_map_max: ClassVar[bool] = False
     can_add_references: ClassVar[bool] = False
+    fits_without_references: ClassVar[bool] = False  # zero-shot: ``fit([])`` sets it up (no references, no threshold)
 
     def __init__(self, **params: Any):
         cls = type(self)
@@ -240,12 +241,14 @@ class Detector:
 
     # -- public surface -----------------------------------------------------------------------------------
     def fit(self, normal_images: Sequence[ImageLike]) -> "Detector":
-        if len(normal_images) == 0:
+        if len(normal_images) == 0 and not self.fits_without_references:
             raise ValueError(f"{self.name}: fit needs at least one normal image")
         torch.manual_seed(getattr(self.config, "seed", 0))
         images = list(normal_images)
         self._fit(images)
         self.fitted_ = True
+        if not images:  # zero-shot: nothing to keep nor to set a threshold from
+            return self
         from clad.data.io import load_batch
 
         arrays, _ = load_batch(images)

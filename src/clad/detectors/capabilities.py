@@ -5,6 +5,8 @@ Class attributes on ``Detector`` (``clad.detectors.base``):
   map threshold. A detector whose answer depends on its settings declares ``from_config(rule)``.
 - ``can_add_references``: ``add_references(images)`` (``AddsReferences``) adds normal references without a refit.
   Every ``Detector`` has the method; on one that does not declare the capability it raises ``TeachingError``.
+- ``fits_without_references``: zero-shot, ``fit([])`` prepares it (no references, so no threshold is set): what
+  ``--shots 0`` needs (WinCLIP with ``few_shot=False``).
 
 Protocols (``isinstance(detector, Protocol)`` checks that the methods exist):
 - ``ImageTextSpace``: texts and image patches embedded in one space (explanations rank defect types by it);

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from clad.data.io import load_batch
 from clad.detectors.base import Detector
+from clad.detectors.capabilities import from_config
 from clad.errors import ConfigError
 from clad.ops.knn import knn
 from clad.ops.prompts import object_name_for, prompt_ensemble
@@ -92,6 +93,7 @@ class WinCLIP(Detector):
     """WinCLIP (zero-shot) or WinCLIP+ (few-shot, ``few_shot=True``) on a Hugging Face CLIP model."""
 
     Config = WinCLIPConfig
+    fits_without_references = from_config(lambda c: not c.few_shot)  # zero-shot WinCLIP: ``--shots 0``
 
     def _backbone(self):
         if getattr(self, "backbone_", None) is None:
@@ -126,10 +128,9 @@ class WinCLIP(Detector):
             return
         arrays, _ = load_batch(images)
         parts = [self._encode(arrays[i : i + 8]) for i in range(0, len(arrays), 8)]
-        d = self.text_prototypes_.shape[1]
-        self.patch_memory_ = torch.cat([p[1].reshape(-1, d) for p in parts])  # (n * N, D)
+        self.patch_memory_ = torch.cat([p[1].flatten(0, 1) for p in parts])  # (n * N, D)
         n_scales = len(self.config.window_sizes)
-        self.window_memory_ = [torch.cat([p[2][s].reshape(-1, d) for p in parts]) for s in range(n_scales)]  # (n*K_s, D)
+        self.window_memory_ = [torch.cat([p[2][s].flatten(0, 1) for p in parts]) for s in range(n_scales)]  # (n*K_s, D)
 
     def score_maps(self, image, patches, windows, masks) -> dict[str, torch.Tensor]:
         """Scores from embeddings: image_zero_shot (B,), language (B, N), and with references visual (B, N),
