@@ -228,7 +228,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
         t1 = time.perf_counter()
         keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
         self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
-        self.index_ = self.probe_index_ = None
+        self.index_ = self.probe_index_ = self.search_ = None
         t2 = time.perf_counter()
         left_out = torch.ones(len(bank), dtype=torch.bool)
         left_out[keep] = False
@@ -289,6 +289,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
     def _index(self) -> KCenterIndex:
         if getattr(self, "index_", None) is None:
             self.index_ = KCenterIndex(self.memory_bank_)
+            self.index_.search = getattr(self, "search_", None)  # a loaded model's choice (``_get_state``)
         return self.index_
 
     def _search_index(self) -> KCenterIndex | ProjectedIVF:
@@ -377,9 +378,16 @@ class PatchCore(BackbonePatchFeatures, Detector):
         return 1.0 - torch.softmax(d, dim=1)[:, 0]
 
     def _get_state(self):
-        return {"memory_bank": self.memory_bank_}, {"bank_size": self.bank_size_}
+        meta = {"bank_size": self.bank_size_}
+        search = getattr(getattr(self, "index_", None), "search", None) or getattr(self, "search_", None)
+        if search is not None:  # pruned or brute: they agree to float rounding only, so a loaded model keeps it
+            meta["exact_search"] = search
+        return {"memory_bank": self.memory_bank_}, meta
 
     def _set_state(self, tensors, meta):
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
         self.index_ = self.probe_index_ = None
         self.bank_size_ = meta.get("bank_size")  # patches seen, for teaching (absent before it)
+        self.search_ = meta.get("exact_search")  # absent: decided by the first large search, as after a fit
+        if self.search_ not in (None, "pruned", "brute"):
+            raise ValueError(f"exact_search must be 'pruned' or 'brute', got {self.search_!r}")
