@@ -117,6 +117,20 @@ def measure_maps(maps):
     return out
 
 
+def measure_csv(n: int = 20000) -> dict:
+    """Rows of predictions.csv written per second (the driver writes every row)."""
+    import csv
+
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "p.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        t0 = time.perf_counter()
+        for i in range(n):
+            w.writerow([f"/data/line3/2026/12/03/image_{i:08d}.png", f"{0.123456789 * i:.9g}", "1", "0.5"])
+        f.flush()
+        os.fsync(f.fileno())
+        return {"rows_per_s": n / (time.perf_counter() - t0)}
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
@@ -159,17 +173,25 @@ def model(rates: dict, nodes: int, cores: int, storage_gbps: float, nic_gbps: fl
     """Rows (stage, images/s of the whole cluster, what sets it, what to change)."""
     cpu_seconds = 1 / rates["decode"]["images_per_s"] + 1 / rates["forward"]["images_per_s"]
     map_mb = 0.0
-    if maps != "none":
-        cpu_seconds += 1 / rates["maps"][maps]["images_per_s"]
+    if maps != "none":  # encoded by the driver (first row), carried by the nodes' network
         map_mb = rates["maps"][maps]["mb_per_image"]
     image_mb = rates["read"]["mb_per_image"]
     per_core_decode = rates["decode"]["images_per_s"]
     per_core_forward = rates["forward"]["images_per_s"]
     db = rates["history"][max(rates["history"])]
+    if maps == "none":
+        driver = (rates["csv"]["rows_per_s"], f"{rates['csv']['rows_per_s']:,.0f} CSV rows/s on one core",
+                  "several runs side by side, each its own shard of the input (one driver each)")
+    else:
+        encode, nic = rates["maps"][maps]["images_per_s"], nic_gbps * 1e3 / 8 / map_mb
+        driver = (min(encode, nic), f"the driver receives and writes every map: {encode:,.0f} maps/s encoded on one "
+                  f"core, {nic:,.0f}/s through its {nic_gbps:g} Gbit/s", "--maps none for an archive's scores, or "
+                  "several runs side by side, each its own shard of the input (one driver each)")
     rows = [
-        ("CPU: decode + forward + map encode", nodes * cores / cpu_seconds,
+        ("one run's driver (Ray Data: results stream to one process)", *driver),
+        ("CPU of the nodes: decode + forward", nodes * cores / cpu_seconds,
          f"{1000 * cpu_seconds:.1f} ms of one core per image (decode {1000 / per_core_decode:.1f}, forward "
-         f"{1000 / per_core_forward:.1f})", "more nodes; a smaller backbone or image size; --maps none"),
+         f"{1000 / per_core_forward:.1f})", "more nodes; a smaller backbone or image size"),
         ("decode alone", nodes * cores * per_core_decode, "decode tasks on every core",
          "Ray Data schedules decode tasks beside the actors: give them CPUs (num_cpus of the actor pool < cores)"),
         ("shared storage reads", storage_gbps * 1e3 / 8 / image_mb, f"{image_mb:.3f} MB per image at "
@@ -213,6 +235,7 @@ def main(argv=None) -> int:
     images, rates["decode"] = measure_decode(blobs)
     maps, rates["forward"] = measure_forward(data, images, args.shots)
     rates["maps"] = measure_maps(maps)
+    rates["csv"] = measure_csv()
     history, server = {}, None
     if args.pg and not args.pg_url:
         sys.path.insert(0, str(REPO / "tests"))
@@ -238,20 +261,23 @@ def main(argv=None) -> int:
     print(f"| forward ({rates['forward']['detector']}, batch 16) | {rates['forward']['images_per_s']:.1f} | |")
     for name, r in rates["maps"].items():
         print(f"| map encode, {name} | {r['images_per_s']:.0f} | {r['mb_per_image']:.4f} MB per image |")
+    print(f"| predictions.csv rows (fsync at the end) | {rates['csv']['rows_per_s']:,.0f} | |")
     for name, r in history.items():
         print(f"| history insert, {name} | {r:.0f} rows/s | |")
     print(f"\n# Capacity of {args.nodes} nodes x {args.cores} CPUs (maps {args.maps}; storage {args.storage_gbps:g} "
           f"Gbit/s and {args.nic_gbps:g} Gbit/s per node assumed)\n")
     rows = model(rates, args.nodes, args.cores, args.storage_gbps, args.nic_gbps, args.maps)
     bottleneck = min(rows[:-1], key=lambda r: r[1])  # batch scoring writes files, not rows
+    cluster = min(rows[1:-1], key=lambda r: r[1])  # what the nodes could do with the driver out of the way
     print("| bound | images/s | from | to raise it |\n|---|---|---|---|")
     for stage, rate, why, fix in rows:
         mark = " **(bottleneck)**" if stage == bottleneck[0] else ""
         print(f"| {stage}{mark} | {rate:,.0f} | {why} | {fix} |")
     per_day = bottleneck[1] * 86400
     station = min(rows, key=lambda r: r[1])
-    print(f"\nbatch scoring: {bottleneck[1]:,.0f} images/s = {per_day / 1e6:,.1f} million images a day, set by "
-          f"{bottleneck[0]}; the station (one history row per inspection): {station[1]:,.0f} images/s, set by "
+    print(f"\nbatch scoring: one run {bottleneck[1]:,.0f} images/s = {per_day / 1e6:,.1f} million images a day, set by "
+          f"{bottleneck[0]}; the nodes alone {cluster[1]:,.0f} images/s, set by {cluster[0]} (so "
+          f"{cluster[1] / bottleneck[1]:.0f} runs side by side fill them); the station (one history row per inspection): {station[1]:,.0f} images/s, set by "
           f"{station[0]}")
     return 0
 
