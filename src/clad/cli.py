@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clad.cluster import add_engine_args
 from clad.metrics_catalog import eval_rows
 from clad.specs import argument_type, parse_int, parse_number, parse_shot, shots_text
 
@@ -503,13 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", choices=("npy", "float16", "png16", "none"), default="npy",
                    help="anomaly maps: npy (default, float32 .npy at the image's size), float16 (.npy, half the size), "
                         "png16 (16-bit PNG with its value range, smallest), none; clad.pipeline.read_map reads each")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (default: this process) or ray (Ray Data on a Ray cluster: needs pip install -e "
-                        "'.[cluster]'; the input must be readable at the same path on every node)")
-    p.add_argument("--address", help="--engine ray: the cluster to join, auto (the one `ray start --head` started "
-                   "here) or HOST:PORT; without it, a local cluster for this run only")
-    p.add_argument("--num-cpus", type=POSITIVE, help="--engine ray without --address: CPUs of the local cluster "
-                   "(default: all of this machine's)")
+    add_engine_args(p, "this process", "Ray Data on a Ray cluster; the input must be readable at the same path on "
+                    "every node")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a saved model to ONNX (the backbone and the scoring in one graph)",
@@ -583,15 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (default: this process, uvicorn) or ray: --replicas stations on Ray Serve behind one "
-                        "URL, each batching its own requests, sharing the history (PostgreSQL across machines) and "
-                        "the data folder; needs pip install -e \".[cluster]\"")
-    p.add_argument("--replicas", type=POSITIVE, metavar="N", help="--engine ray: how many stations (default 1)")
-    p.add_argument("--address", help="--engine ray: the Ray cluster to join (auto: the one `ray start --head` "
-                   "started on this machine; HOST:PORT); default: a local one for this run")
-    p.add_argument("--num-cpus", type=POSITIVE, metavar="N", help="--engine ray without --address: the local "
-                   "cluster's CPUs (default: all)")
+    add_engine_args(p, "this process, uvicorn", "--replicas stations on Ray Serve behind one URL, each batching its "
+                    "own requests, sharing the history (PostgreSQL across machines) and the data folder",
+                    lambda q: q.add_argument("--replicas", type=POSITIVE, metavar="N",
+                                             help="--engine ray: how many stations (default 1)"))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list", help="list the registered detectors and backbones")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from clad.bench.ratings import export_rating_sheet, import_ratings, ratings_markdown
 from clad.bench.runner import run_bench
+from clad.cluster import add_engine_args
 from clad.errors import SpecError
 from clad.pipeline.outputs import atomic_write, output_lock
 from clad.specs import argument_type, parse_int
@@ -36,15 +37,11 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=16, help="predict and backbone-timing batch (default 16)")
     p.add_argument("--pixel-eval-size", type=NATURAL, default=256, help="longer side for pixel metrics (0 = native)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: the runs one after another in this process (default); ray: each run (runs sharing "
-                        "a fit together) as a Ray task, written here as it finishes (needs the cluster extra)")
-    p.add_argument("--address", help="with --engine ray: join this cluster (auto, HOST:PORT, ray://HOST:PORT) "
-                   "instead of starting a local one for this run")
-    p.add_argument("--num-cpus", type=POSITIVE, help="with --engine ray and no --address: the local cluster's "
-                   "CPUs (default: all of this machine's)")
-    p.add_argument("--cpus-per-run", type=POSITIVE, default=1,
-                   help="with --engine ray: CPUs (and threads) each task declares (default 1)")
+    add_engine_args(p, "the runs one after another in this process", "each run (runs sharing a fit together) as a "
+                    "Ray task, written here as it finishes",
+                    lambda q: q.add_argument("--cpus-per-run", type=POSITIVE, default=1, metavar="N",
+                                             help="with --engine ray: CPUs (and threads) each task declares "
+                                                  "(default 1)"))
     p.add_argument("--rating-sheet", metavar="DIR", help="write a blind human-rating sheet to DIR instead")
     p.add_argument("--n-images", type=POSITIVE, default=20, help="defective images per category in the sheet (default 20)")
     p.add_argument("--seed", type=NATURAL, default=0, help="seed of the rating sheet's references and images (default 0)")

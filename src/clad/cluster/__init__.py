@@ -14,6 +14,24 @@ from clad.errors import DependencyError, SpecError
 INSTALL = "pip install 'ray[data,serve]' (or pip install -e '.[cluster]')"
 
 
+def add_engine_args(parser, local: str, ray: str, extra=None) -> None:
+    """``--engine local|ray``, then ``extra(parser)`` (options of that front end's ray engine), ``--address`` and
+    ``--num-cpus``: the same three options and words in ``predict``, ``bench`` and ``serve``. ``local`` and
+    ``ray`` say what each engine does there. Imports no Ray."""
+    from clad.specs import argument_type, parse_int
+
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help=f"local (default: {local}) or ray ({ray}; needs pip install -e '.[cluster]')")
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("--address", help="--engine ray: the Ray cluster to join: auto (the one `ray start --head` "
+                        "started on this machine), HOST:PORT or ray://HOST:PORT; without it, a local cluster for "
+                        "this run only")
+    parser.add_argument("--num-cpus", type=argument_type(parse_int, 1), metavar="N",
+                        help="--engine ray without --address: the local cluster's CPUs (default: all of this "
+                             "machine's)")
+
+
 def require_ray(what: str):
     """Import ray, or one DependencyError line saying what needs it and how to install it."""
     try:
