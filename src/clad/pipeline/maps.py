@@ -47,17 +47,28 @@ def write_map(stem: Path, amap: np.ndarray, fmt: str) -> Path:
     return target
 
 
+def quantize16(amap: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A finite (H, W) map -> (uint16 levels of it between its min and max, min, max); ``dequantize16`` undoes it
+    to within (max - min) / 131,070. (The station stores its maps this way too.)"""
+    amap = np.asarray(amap, np.float32)
+    lo, hi = (float(amap.min()), float(amap.max())) if amap.size else (0.0, 0.0)
+    span = hi - lo
+    if span > 0:  # in float64, so that the steps are those dequantize16 undoes
+        return np.rint((amap.astype(np.float64) - lo) * (PNG_LEVELS / span)).astype(np.uint16), lo, hi
+    return np.zeros(amap.shape, np.uint16), lo, hi
+
+
+def dequantize16(q: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The float32 map of ``quantize16``'s levels ``q`` between ``lo`` and ``hi``."""
+    return (lo + q.astype(np.float64) * ((hi - lo) / PNG_LEVELS)).astype(np.float32)
+
+
 def _write_png16(target: Path, amap: np.ndarray) -> None:
     from PIL import Image, PngImagePlugin
 
     if amap.size and not np.isfinite(amap).all():
         raise OutputError(f"{target}: the map holds NaN or inf, which png16 cannot store; use --maps npy")
-    lo, hi = (float(amap.min()), float(amap.max())) if amap.size else (0.0, 0.0)
-    span = hi - lo
-    if span > 0:  # in float64, so that the steps are those read_map undoes
-        q = np.rint((amap.astype(np.float64) - lo) * (PNG_LEVELS / span)).astype(np.uint16)
-    else:
-        q = np.zeros(amap.shape, np.uint16)
+    q, lo, hi = quantize16(amap)
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps({"min": lo, "max": hi}))
     Image.fromarray(q).save(target, pnginfo=info, compress_level=1)  # level 6: ~3 % smaller, 3x the time
@@ -97,4 +108,4 @@ def _read_png16(path: Path) -> np.ndarray:
         raise ImageLoadError(f"{path}: not a png16 map written by clad (no valid {PNG_KEY!r} text chunk)") from e
     if not mode.startswith("I;16") or q.ndim != 2:
         raise ImageLoadError(f"{path}: not a png16 map written by clad (mode {mode})")
-    return (lo + q.astype(np.float64) * ((hi - lo) / PNG_LEVELS)).astype(np.float32)
+    return dequantize16(q, lo, hi)

@@ -7,6 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from clad.pipeline.maps import dequantize16, quantize16
 from clad.viz import draw_contour, heatmap, overlay
 
 THUMBNAIL_SIDE = 160
@@ -21,19 +22,15 @@ def png(array: np.ndarray, compress_level: int = 1) -> bytes:
 def encode_map(amap: np.ndarray) -> tuple[bytes, float, float]:
     """(H, W) float map -> a 16-bit grey PNG of it quantised between its min and max, and those two values
     (steps of (max - min) / 65535: far below what a heatmap or a region shows)."""
-    amap = np.nan_to_num(np.asarray(amap, np.float32))
-    lo, hi = float(amap.min()), float(amap.max())
-    span = hi - lo if hi > lo else 1.0
-    q = np.round((amap - lo) * (65535.0 / span)).astype(np.uint16)  # (H, W)
+    q, lo, hi = quantize16(np.nan_to_num(np.asarray(amap, np.float32)))  # (H, W)
     return png(q, compress_level=1), lo, hi  # level 6: 3 % smaller, 3x the time (54 against 16 ms on magnetic tile)
 
 
 def decode_map(data: bytes, lo: float, hi: float) -> np.ndarray:
     """Inverse of ``encode_map``: (H, W) float32."""
     with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-        q = np.asarray(img).astype(np.float32)
-    span = hi - lo if hi > lo else 1.0
-    return lo + q * (span / 65535.0)
+        q = np.asarray(img)
+    return dequantize16(q, lo, hi)
 
 
 def heat_range(threshold: float | None, score_is_map_max: bool) -> tuple[float | None, float | None]:
