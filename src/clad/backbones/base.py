@@ -53,8 +53,9 @@ class Backbone(nn.Module):
             return p.device
         return torch.device("cpu")
 
-    def preprocess(self, images: Sequence[ImageLike], size: int | None = None) -> torch.Tensor:
-        """Images of any size -> normalised float tensor (B, 3, size, size) on the backbone's device."""
+    def preprocess(self, images: Sequence[ImageLike], size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Images of any size -> normalised float tensor (B, 3, size, size) on the backbone's device; ``size`` may
+        be a (height, width)."""
         x = resized(images, size or self.default_size).to(self.device)  # (B, 3, S, S) uint8, channels-last
         # (x / 255 - mean) / std as one pass, x * (1 / (255 std)) - mean / std, straight from uint8 (about 3x
         # faster than converting first).
@@ -78,8 +79,8 @@ class Backbone(nn.Module):
         return self.forward(x, [last])[last].mean(dim=(2, 3))
 
 
-def resized(images: Sequence[ImageLike], size: int) -> torch.Tensor:
-    """Images of any size -> uint8 (B, 3, size, size), channels-last strides: the pixels ``preprocess`` normalises
+def resized(images: Sequence[ImageLike], size: int | tuple[int, int]) -> torch.Tensor:
+    """Images of any size -> uint8 (B, 3, size, size) (or (B, 3, height, width)), channels-last strides: the pixels ``preprocess`` normalises
     (decoded as RGB, resized bilinearly with antialiasing)."""
     return _resize_batch(_decode(images), size)
 
@@ -94,17 +95,18 @@ def _decode(images: Sequence[ImageLike]) -> list[np.ndarray]:
         return list(pool.map(as_rgb, images))
 
 
-def _resize_batch(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+def _resize_batch(arrays: list[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:
     """RGB arrays (H, W, 3) uint8 -> (B, 3, size, size) uint8 in channels-last strides, bilinear with
     antialiasing (Pillow's filter; torch's uint8 kernel, within 2 levels of Pillow's own)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     by_shape: dict[tuple, list[int]] = {}
     for i, a in enumerate(arrays):
         by_shape.setdefault(a.shape, []).append(i)
     parts = []
     for shape, idx in by_shape.items():
         x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2)
-        if shape[:2] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if shape[:2] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         parts.append(x.contiguous(memory_format=torch.channels_last))
     if len(parts) == 1:
         return parts[0]

@@ -302,7 +302,8 @@ class Detector:
         from clad.detectors.thresholds import keep_references
 
         kept = [] if self.references_ is None else list(self.references_.numpy())
-        kept = keep_references(kept, self.n_references_, arrays, self._view_size(), getattr(self.config, "seed", 0))
+        kept = keep_references(kept, self.n_references_, self._view_sources(arrays), self._view_size(),
+                               getattr(self.config, "seed", 0))
         self.references_ = torch.from_numpy(np.stack(kept))
         self.n_references_ += len(arrays)
 
@@ -356,6 +357,10 @@ class Detector:
         """The side of the threshold's views: the working size."""
         return getattr(self.config, "image_size", None) or 256
 
+    def _view_sources(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Hook: what the threshold's views are resized from (``_view_size`` squares); by default the references."""
+        return arrays
+
     def _calibrate_threshold(self, images: list[ImageLike]) -> None:
         """Set ``threshold_`` and ``threshold_scale_`` from views of the references (``thresholds.views``)."""
         # Imported here, as in ``predict``: listing the registries loads no other module of clad.detectors or data.
@@ -364,7 +369,7 @@ class Detector:
 
         arrays, _ = load_batch(images)  # decoded already by fit: no copy
         # kept (not saved) so that ``adopt`` can redo the threshold for other inference parameters
-        self.threshold_views_ = views(arrays, self._view_size(), getattr(self.config, "seed", 0))
+        self.threshold_views_ = views(self._view_sources(arrays), self._view_size(), getattr(self.config, "seed", 0))
         self._threshold_from_views()
 
     def _threshold_from_views(self) -> None:

@@ -23,6 +23,8 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - predict: each batch is split over torch's threads, one part per thread (``workers``), with one torch thread
   each; the same results as one call, faster on a CPU (see ``_predict_batch``).
 - map: upsampling, blur and resize are folded into two small matrices per axis (``smooth_maps``).
+- shape (``resize``, ``zoom``, ``tile``; ``clad.ops.geometry``): every image squeezed to ``image_size`` squared, or
+  kept in shape at one scale learnt from the references (``scale_``), whole or in overlapping tiles.
 - teaching (``add_references``): the new references' patches join the memory by the greedy k-center rule
   continued from it (``continue_coreset``), as many as keep it ``coreset_ratio`` of every patch seen; the search
   indexes take the new rows without a rebuild (``extended``) until the memory has doubled since they were built.
@@ -43,6 +45,7 @@ from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.ops.coreset import KCenterIndex, continue_coreset, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, patch_embeddings
+from clad.ops.geometry import RESIZE_MODES, Geometry, reference_scale
 from clad.ops.gradcam import grad_cam
 from clad.ops.ivf import ProjectedIVF, one_blas_thread
 from clad.ops.knn import knn
@@ -89,10 +92,23 @@ class PatchCoreConfig:
     # "Corruption robustness"): clean AUROC falls on magnetic tile and the drop grows on bottle; kept off.
     median_baseline: bool = field(default=False, metadata={"omit_from_key_when": {"median_baseline": False}})
     batch_size: int = bounded(16, "[1, inf)")  # images per backbone call during fit
+    # How an image of any shape becomes the backbone's input (``clad.ops.geometry``): "squeeze" to image_size x
+    # image_size, or "keep" its aspect at one scale learnt from the references (image_size / their median
+    # sqrt(H * W), times ``zoom``); with keep, ``tile`` cuts working images with a longer side into overlapping
+    # tiles of that size (with zoom > 1: the high-resolution mode). Measured in benchmarks/README.md ("Shape").
+    resize: str = field(default="squeeze", metadata={"omit_from_key_when": {"resize": "squeeze"}})
+    zoom: float = bounded(1.0, "(0, inf)", omit_from_key_when={"resize": "squeeze"})
+    tile: int | None = bounded(None, "[128, inf)", omit_from_key_when={"tile": None})
     seed: int = 0
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.tile is not None and self.tile % 16:
+            raise ValueError(f"tile must be a multiple of 16, got {self.tile}")
+        if self.resize == "squeeze" and (self.zoom != 1.0 or self.tile is not None):
+            raise ValueError("zoom and tile apply to resize=keep only")
 
 
 def coreset_size(n_patches: int, ratio: float) -> int:
@@ -159,11 +175,20 @@ class PatchCore(BackbonePatchFeatures, Detector):
     score_is_map_max = from_config(lambda cfg: not cfg.reweight)  # Eq. 7 scales the largest patch score
     can_add_references = True
 
-    def _embed(self, arrays) -> torch.Tensor:
-        """RGB arrays -> patch features (B, C, h, w)."""
-        bb = self._backbone()
-        x = bb.preprocess(arrays, self.config.image_size)
-        return self._features(x).cpu()
+    def _geometry(self) -> Geometry:
+        cfg = self.config
+        return Geometry(cfg.resize, cfg.image_size, getattr(self, "scale_", None), cfg.tile)
+
+    def _embed(self, arrays) -> list[tuple[list[int], torch.Tensor, tuple[int, int]]]:
+        """RGB arrays -> [(indices, patch features (B_g, C, h, w), working (H, W))], one group per working shape
+        (one group when squeezed)."""
+        bb, geometry = self._backbone(), self._geometry()
+        stride = bb.info(self.config.layers[0]).stride
+        out = []
+        for idx, hw in geometry.groups([a.shape[:2] for a in arrays]):
+            x = bb.preprocess([arrays[i] for i in idx], hw)
+            out.append((idx, geometry.features(x, self._features, stride).cpu(), hw))
+        return out
 
     @torch.inference_mode()
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,20 +219,29 @@ class PatchCore(BackbonePatchFeatures, Detector):
         out = []
         for start in range(0, len(images), batch_size):
             arrays, shapes = load_batch(images[start : start + batch_size])
-            x = bb.preprocess(arrays, cfg.image_size)
-            with torch.no_grad():
-                feats = bb(x, cfg.layers)
-            act = feats[cfg.layers[-1]].detach().requires_grad_(True)
-            with torch.enable_grad():
-                emb = self._project(aggregate({**feats, cfg.layers[-1]: act}, cfg.layers, cfg.neighbourhood))
-                b, c, h, w = emb.shape
-                flat = emb.permute(0, 2, 3, 1).reshape(-1, c)
-                with torch.inference_mode():  # the rows as predict finds them
-                    _, nearest = self._search(flat.detach().view(b, h * w, c), indices=True)
-                score = (flat - self.memory_bank_[nearest.reshape(-1)]).norm(dim=1).view(b, h * w).max(1).values
-                cam = grad_cam(score, act)
-            out += smooth_maps(cam.detach(), cfg.image_size, cfg.sigma, shapes)
+            maps = [None] * len(arrays)
+            for idx, hw in self._geometry().groups(shapes):  # whole images, not tiles
+                for i, m in zip(idx, self._gradcam_group(bb, [arrays[i] for i in idx], hw, [shapes[i] for i in idx])):
+                    maps[i] = m
+            out += maps
         return out
+
+    def _gradcam_group(self, bb, arrays, hw, shapes) -> list[np.ndarray]:
+        """``gradcam`` of images of one working shape."""
+        cfg = self.config
+        x = bb.preprocess(arrays, hw)
+        with torch.no_grad():
+            feats = bb(x, cfg.layers)
+        act = feats[cfg.layers[-1]].detach().requires_grad_(True)
+        with torch.enable_grad():
+            emb = self._project(aggregate({**feats, cfg.layers[-1]: act}, cfg.layers, cfg.neighbourhood))
+            b, c, h, w = emb.shape
+            flat = emb.permute(0, 2, 3, 1).reshape(-1, c)
+            with torch.inference_mode():  # the rows as predict finds them
+                _, nearest = self._search(flat.detach().view(b, h * w, c), indices=True)
+            score = (flat - self.memory_bank_[nearest.reshape(-1)]).norm(dim=1).view(b, h * w).max(1).values
+            cam = grad_cam(score, act)
+        return smooth_maps(cam.detach(), hw, cfg.sigma, shapes)
 
     def _patches(self, images, first: int = 0) -> torch.Tensor:
         """The memory bank's patches of ``images``, references ``first``, ``first + 1``, ..., with their jittered
@@ -217,13 +251,23 @@ class PatchCore(BackbonePatchFeatures, Detector):
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
             arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, first + start))
-            emb = self._embed(arrays)
-            parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
+            for _, emb, _ in self._embed(arrays):
+                parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
         return torch.cat(parts)
+
+    def _learn_scale(self, images) -> None:
+        """``scale_`` of resize=keep (``reference_scale``) from the references' shapes; None when squeezed."""
+        cfg = self.config
+        self.scale_ = None
+        if cfg.resize == "keep":
+            shapes = [s for start in range(0, len(images), cfg.batch_size)
+                      for s in load_batch(images[start : start + cfg.batch_size])[1]]
+            self.scale_ = reference_scale(shapes, cfg.image_size, cfg.zoom)
 
     def _fit(self, images) -> None:
         cfg = self.config
         t0 = time.perf_counter()
+        self._learn_scale(images)
         bank = self._patches(images)  # (N, C)
         t1 = time.perf_counter()
         keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
@@ -331,9 +375,13 @@ class PatchCore(BackbonePatchFeatures, Detector):
             torch.set_num_threads(threads)
         with torch.inference_mode():
             arrays, shapes = load_batch(images)
-            emb = self._embed(arrays)  # (B, C, h, w)
-            scores, patch = self._score(emb)
-            return scores.numpy(), smooth_maps(patch, self.config.image_size, self.config.sigma, shapes)
+            scores, maps = np.zeros(len(arrays), np.float32), [None] * len(arrays)
+            for idx, emb, hw in self._embed(arrays):  # emb (B_g, C, h, w)
+                s, patch = self._score(emb)
+                scores[idx] = s.numpy()
+                for i, m in zip(idx, smooth_maps(patch, hw, self.config.sigma, [shapes[i] for i in idx])):
+                    maps[i] = m
+            return scores, maps
 
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (B, C, h, w) -> (image scores (B,), patch scores (B, h, w))."""
@@ -377,8 +425,27 @@ class PatchCore(BackbonePatchFeatures, Detector):
         d = torch.linalg.vector_norm(m_test[:, None] - bank[support], dim=-1)  # (B, b)
         return 1.0 - torch.softmax(d, dim=1)[:, 0]
 
+    def _view_size(self) -> int:
+        """resize=keep: the side that the working scale turns into ``image_size``, so that views are at the
+        references' own scale."""
+        scale = getattr(self, "scale_", None)
+        return self.config.image_size if scale is None else max(32, round(self.config.image_size / scale))
+
+    def _view_sources(self, arrays):
+        """resize=keep: the centre square of each reference, so that views keep its aspect."""
+        if self.config.resize == "squeeze":
+            return arrays
+        out = []
+        for a in arrays:
+            h, w = a.shape[:2]
+            side = min(h, w)
+            out.append(a[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side])
+        return out
+
     def _get_state(self):
         meta = {"bank_size": self.bank_size_}
+        if getattr(self, "scale_", None) is not None:
+            meta["scale"] = self.scale_
         search = getattr(getattr(self, "index_", None), "search", None) or getattr(self, "search_", None)
         if search is not None:  # pruned or brute: they agree to float rounding only, so a loaded model keeps it
             meta["exact_search"] = search
@@ -388,6 +455,9 @@ class PatchCore(BackbonePatchFeatures, Detector):
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
         self.index_ = self.probe_index_ = None
         self.bank_size_ = meta.get("bank_size")  # patches seen, for teaching (absent before it)
+        self.scale_ = meta.get("scale")
+        if self.config.resize == "keep" and not (isinstance(self.scale_, (int, float)) and 0 < self.scale_ < 1e4):
+            raise ValueError(f"resize=keep needs a positive scale in the model's meta, got {self.scale_!r}")
         self.search_ = meta.get("exact_search")  # absent: decided by the first large search, as after a fit
         if self.search_ not in (None, "pruned", "brute"):
             raise ValueError(f"exact_search must be 'pruned' or 'brute', got {self.search_!r}")

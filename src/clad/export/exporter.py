@@ -48,6 +48,9 @@ def export_problem(det) -> str | None:
     if getattr(det.config, "localization", "dense") != "dense":
         return (f"detector {det.name!r} with localization={det.config.localization!r} cannot be exported to ONNX "
                 "(Grad-CAM differentiates the model); fit it with localization='dense'")
+    if getattr(det.config, "resize", "squeeze") != "squeeze":
+        return (f"detector {det.name!r} with resize={det.config.resize!r} cannot be exported to ONNX (the graph takes "
+                "square inputs of image_size); fit it with resize='squeeze'")
     return None
 
 

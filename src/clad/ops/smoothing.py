@@ -58,18 +58,19 @@ def _axis_operator(n_in: int, size: int, sigma: float, n_out: int) -> torch.Tens
     return x[:, 0].T.contiguous()  # (n_out, n_in)
 
 
-def smooth_maps(patch: torch.Tensor, size: int, sigma: float, shapes) -> list[np.ndarray]:
-    """Patch scores (B, h, w) -> one map per image at its own (H, W): upsampled to size x size, Gaussian-blurred
-    with ``sigma``, resized to (H, W).
+def smooth_maps(patch: torch.Tensor, size: int | tuple[int, int], sigma: float, shapes) -> list[np.ndarray]:
+    """Patch scores (B, h, w) -> one map per image at its own (H, W): upsampled to the working size (size x size,
+    or a (height, width)), Gaussian-blurred with ``sigma``, resized to (H, W).
 
     The same numbers as ``maps_to_images(gaussian_blur(interpolate(patch)), shapes)``, but the three linear,
     separable steps are folded into two small matrices per axis, so a map costs two matrix products.
     """
     h, w = patch.shape[-2:]
+    size_h, size_w = (size, size) if isinstance(size, int) else size
     out = []
     with single_thread():
         for p, (H, W) in zip(patch.float().cpu(), shapes):
-            a_h, a_w = _axis_operator(h, size, float(sigma), H), _axis_operator(w, size, float(sigma), W)
+            a_h, a_w = _axis_operator(h, size_h, float(sigma), H), _axis_operator(w, size_w, float(sigma), W)
             out.append((a_h @ p @ a_w.T).numpy())  # (H, W)
     return out
 
