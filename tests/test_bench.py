@@ -397,3 +397,14 @@ def test_reference_jitter_is_left_out_of_the_cache_key_when_off():
     for name in ("patchcore", "padim"):
         assert "reference_jitter" not in resolved(name)
         assert resolved(f"{name}[reference_jitter=1]")["reference_jitter"] == 1
+
+
+def test_shape_settings_are_left_out_of_the_cache_key_when_squeezed():
+    """resize, zoom and tile change nothing when images are squeezed: runs made before they existed stay valid.
+    zoom's condition names resize, which is itself left out: conditions read the whole config."""
+    def resolved(spec):
+        return bench.Run("mvtec:/d", "bottle", parse_detector_specs(spec)[0], 1, 0).settings()["resolved_params"]
+
+    assert not {"resize", "zoom", "tile"} & set(resolved("patchcore"))
+    keep = resolved("patchcore[resize=keep;zoom=2.0;tile=256]")
+    assert (keep["resize"], keep["zoom"], keep["tile"]) == ("keep", 2.0, 256)

@@ -85,9 +85,10 @@ class Run:
         except Exception:  # noqa: BLE001 - the run itself reports the error; the key needs only the given params
             resolved = None
         else:  # a field that changes nothing at these values (metadata ``omit_from_key_when``) is left out
+            full = dict(resolved)  # conditions read the whole config, not what an earlier field's omission left
             for f in dataclasses.fields(config):
                 when = f.metadata.get("omit_from_key_when")
-                if when and all(resolved.get(k) == v for k, v in when.items()):
+                if when and all(full.get(k) == v for k, v in when.items()):
                     resolved.pop(f.name)
         settings = {
             "dataset": self.dataset,
