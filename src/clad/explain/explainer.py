@@ -447,11 +447,11 @@ class Explainer:
         peak_only = not components and anomalous is not False
         if peak_only:  # a flagged image always shows where it is most anomalous
             components = [peak_component(amap)]
-        regions, strongest = [], None
+        regions, rankings = [], []  # rankings: each region's, with every type
         for c in components:
             inside = c.mask if (self.weighting == "area" or peak_only) else c.mask * (amap - pix).clip(0)
             ranked = self._scores(shared, visual, inside, margins)
-            strongest = ranked if strongest is None else strongest  # components come highest peak first
+            rankings.append(ranked)
             regions.append(Region(
                 bbox=tuple(int(b) for b in c.bbox), area_percent=100.0 * c.area,
                 location=location_words(c.bbox, amap.shape), peak=c.peak, types=ranked[: self.n_types],
@@ -463,7 +463,7 @@ class Explainer:
             pixel_threshold=pix, pixel_threshold_source=source, image_size=tuple(int(v) for v in amap.shape),
             regions=regions, image_types=whole[: self.n_types], path=path,
         )
-        e.type_confidence = type_confidence(whole if strongest is None else strongest, whole)
+        e.type_confidence = type_confidence(rankings[0] if rankings else whole, whole)  # highest peak first
         if e.type_confidence is not None:
             e.confidence_threshold = getattr(self, "confidence_threshold_", None)
             e.type_uncertain = e.confidence_threshold is not None and e.type_confidence < e.confidence_threshold
