@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--catalogue-shots", type=int, default=2)
     p.add_argument("--out", default="results/abstention")
-    p.add_argument("--rankings", action="store_true", help="also write every ranking (region and whole image)")
+    p.add_argument("--rankings", action="store_true",
+                   help="also write every ranking (region and whole image), each with all the types, not 3")
     a = p.parse_args(argv)
     from clad.data import open_dataset
     from clad.evaluate import evaluate
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             normals = held_out_normals(open_dataset(data, category, "train"), train, seed=seed)
             res = evaluate_naming(det, pred["samples"], pred["result"], catalogue_shots=a.catalogue_shots, seed=seed,
-                                  normal_images=normals or None, keep_rankings=a.rankings)
+                                  normal_images=normals or None, keep_rankings=a.rankings,
+                                  **({"n_types": 100} if a.rankings else {}))
             (out / f"{category}_seed{seed}.json").write_text(json.dumps(res, indent=2))
             if a.rankings:  # every ranking of the test images and of the catalogue's leave-one-out, for studies
                 (out / f"{category}_seed{seed}_rankings.json").write_text(json.dumps(res["_rankings"]))

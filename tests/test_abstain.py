@@ -10,7 +10,7 @@ import pytest
 
 import clad
 from clad.explain import Catalogue, Example, Explainer, Explanation, Region, TypeScore
-from clad.explain.explainer import confidence_threshold
+from clad.explain.explainer import confidence_threshold, type_confidence
 from clad.explain.quality import abstention, coverage_curve
 from clad.explain.regions import peak_component
 from clad.types import AnomalyResult
@@ -65,6 +65,67 @@ def test_confidence_threshold_rule_by_hand():
     assert confidence_threshold(pairs, 1) is None  # one type: nothing to be uncertain about
 
 
+def _scores(**sims) -> list[TypeScore]:
+    return sorted((TypeScore(n, n, s) for n, s in sims.items()), key=lambda t: -t.similarity)
+
+
+def test_type_confidence_by_hand():
+    region = _scores(hole=0.6, crack=0.4, spot=0.1)  # margin 0.2
+    # the whole image agrees: the smaller margin of the two views
+    assert type_confidence(region, _scores(hole=0.5, crack=0.45, spot=0.0)) == pytest.approx(0.05)
+    assert type_confidence(region, _scores(hole=0.9, crack=0.1, spot=0.0)) == pytest.approx(0.2)
+    # the whole image prefers another type: the named type's lead there is negative
+    assert type_confidence(region, _scores(crack=0.5, hole=0.45, spot=0.0)) == pytest.approx(-0.05)
+    assert type_confidence(region, _scores(spot=0.9, crack=0.5, hole=0.1)) == pytest.approx(-0.8)
+    # the same ranking for both views (no region): its margin
+    assert type_confidence(region, region) == pytest.approx(0.2)
+    # nothing to compare on the whole image: the region's margin; one type: no confidence
+    assert type_confidence(region, []) == pytest.approx(0.2)
+    assert type_confidence(region, _scores(hole=0.3)) == pytest.approx(0.2)
+    assert type_confidence(_scores(hole=0.6), region) is None
+
+
+def _hole_and_spot(hole: int, spot: int) -> tuple[np.ndarray, np.ndarray]:
+    """A texture with a dark square of side ``hole`` in the upper left (where the returned map peaks) and, when
+    ``spot``, a bright square of that side in the lower right."""
+    image, _ = plant_square(texture((64, 64), 300), 4, 4, hole, value=0)
+    if spot:
+        image, _ = plant_square(image, 30, 30, spot, value=250)
+    amap = np.zeros((64, 64), np.float32)
+    amap[4 : 4 + hole, 4 : 4 + hole] = 1.0
+    return image, amap
+
+
+def test_the_whole_image_disagreeing_lowers_the_confidence_below_agreement(normal_images):
+    det = clad.create_detector("patch_knn", backbone="tiny_cnn", image_size=64).fit(normal_images)
+    cat = Catalogue([Example(k, *_defect(s, k)) for s, k in enumerate(["hole", "spot", "hole", "spot"])])
+    ex = Explainer(det, catalogue=cat).fit(normal_images)
+    pairs = [_hole_and_spot(8, 0), _hole_and_spot(8, 30)]  # a small hole alone; the same beside a large spot
+    result = AnomalyResult(np.array([0.9, 0.9], np.float32), [m for _, m in pairs], threshold=0.5)
+    alone, beside = ex.explain([i for i, _ in pairs], result)
+    for e in (alone, beside):  # the map puts the region on the hole: the region is named a hole
+        assert e.ranked_types()[0] == "hole"
+        region, whole = e.ranking, e.image_types
+        assert e.type_confidence == pytest.approx(type_confidence(region, whole))
+    # alone, both views name the hole: the smaller of their two margins, positive
+    assert alone.ranked_types(whole_image=True)[0] == "hole"
+    margins = [r[0].similarity - r[1].similarity for r in (alone.ranking, alone.image_types)]
+    assert alone.type_confidence == pytest.approx(min(margins)) and alone.type_confidence > 0
+    # beside a large spot the whole image is named a spot: the hole's lead there is negative, whatever the region's
+    assert beside.ranked_types(whole_image=True)[0] == "spot"
+    assert beside.ranking[0].similarity - beside.ranking[1].similarity > 0.5
+    assert beside.type_confidence < 0 < alone.type_confidence
+    # a threshold between the two: the disagreeing explanation abstains, the agreeing one names its type
+    ex.confidence_threshold_ = beside.type_confidence / 2
+    alone, beside = ex.explain([i for i, _ in pairs], result)
+    assert beside.type_uncertain and beside.named_type is None and "type uncertain" in beside.sentence
+    assert not alone.type_uncertain and alone.named_type == "hole"
+    # the confidence reads every type, however few the explanation keeps (one image per batch: float noise)
+    single = AnomalyResult(np.array([0.9], np.float32), [pairs[1][1]], threshold=0.5)
+    (one,) = Explainer(det, catalogue=cat, n_types=1).fit(normal_images).explain([pairs[1][0]], single)
+    assert len(one.ranking) == 1 and one.type_confidence == pytest.approx(beside.type_confidence, abs=1e-6)
+
+
 def _ranked(names, sims, uncertain=False):
     types = [TypeScore(n, n, s) for n, s in zip(names, sims)]
     e = Explanation(0.9, 0.5, True, 0.5, "argument", (64, 64),
@@ -108,7 +169,7 @@ def test_threshold_is_learnt_from_the_catalogue_alone(normal_images):
     cat = Catalogue([Example(k, *_defect(s, k)) for s, k in enumerate(kinds)])
     ex = Explainer(det, catalogue=cat).fit(normal_images)
     assert len(ex.calibration_) == 4  # each example explained with the catalogue less itself
-    assert all(isinstance(c, float) and c >= 0 for c, _ in ex.calibration_)
+    assert all(isinstance(c, float) for c, _ in ex.calibration_)
     assert ex.confidence_threshold_ == confidence_threshold(ex.calibration_, 2)
     tests = [_defect(10 + s, k) for s, k in enumerate(["hole", "spot"] * 3)]
     out = ex.explain([t[0] for t in tests])

@@ -35,8 +35,12 @@ For each image (``Explainer.explain``):
    ranked the same way (``image_types``).
 4. nearest normal (when ``references`` were given to ``fit``): the reference patch whose descriptor (in the
    catalogue space) has the largest cosine with the region descriptor; its image index and grid-cell box.
-5. abstention: the confidence of an explanation is the margin s_1 - s_2 between the first two types of the
-   ranking it names from (``type_confidence``). With a catalogue, ``fit`` explains each catalogue example as a
+5. abstention: the confidence of an explanation (``type_confidence``) is the named type's lead over the best
+   other type in two views of the image, its strongest region (the ranking it names from) and the whole image,
+   whichever lead is smaller: min(s_1 - s_2 of the region, s_named - max of the others on the whole image). When
+   both views name the same type it is the smaller of their two margins; when the whole image prefers another
+   type it is negative, so below every explanation whose views agree; without a region the two views are one and
+   it is the margin s_1 - s_2. With a catalogue, ``fit`` explains each catalogue example as a
    flagged image (the detector's map, its regions) with one example of every type left out of the catalogue per
    round (``_leave_one_out``: 2 examples per type give 2 rounds of 1 example per type), which gives (confidence,
    right) pairs from the catalogue alone; ``confidence_threshold`` turns them into the confidence below which
@@ -370,6 +374,10 @@ class Explainer:
         """Types ranked for the part ``inside`` ((H, W) weights or mask; None: the whole image) of one image, from
         its patch grids ``shared`` (shared space) and ``visual`` (catalogue space), each (D, h, w) or None;
         ``margins``: ``self.margins(visual)`` when already computed."""
+        return self._scores(shared, visual, inside, margins)[: self.n_types]
+
+    def _scores(self, shared, visual, inside, margins) -> list[TypeScore]:
+        """``rank`` with every type (the confidence reads the types past ``n_types`` too)."""
         if not self.types_:
             return []
 
@@ -390,7 +398,7 @@ class Explainer:
             s = float(text[i]) if cat is None else cat if (text is None or w == 1.0) else (1 - w) * float(text[i]) + w * cat
             scores.append((s, i, t))
         scores.sort(key=lambda x: (-x[0], x[1]))
-        return [TypeScore(t, defect_phrase(t), float(s)) for s, _, t in scores[: self.n_types]]
+        return [TypeScore(t, defect_phrase(t), float(s)) for s, _, t in scores]
 
     def _nearest_normal(self, visual: torch.Tensor, inside: np.ndarray) -> NormalMatch | None:
         if self.memory_ is None:
@@ -439,23 +447,24 @@ class Explainer:
         peak_only = not components and anomalous is not False
         if peak_only:  # a flagged image always shows where it is most anomalous
             components = [peak_component(amap)]
-        regions = []
+        regions, rankings = [], []  # rankings: each region's, with every type
         for c in components:
             inside = c.mask if (self.weighting == "area" or peak_only) else c.mask * (amap - pix).clip(0)
+            ranked = self._scores(shared, visual, inside, margins)
+            rankings.append(ranked)
             regions.append(Region(
                 bbox=tuple(int(b) for b in c.bbox), area_percent=100.0 * c.area,
-                location=location_words(c.bbox, amap.shape), peak=c.peak,
-                types=self.rank(shared, visual, inside, margins),
+                location=location_words(c.bbox, amap.shape), peak=c.peak, types=ranked[: self.n_types],
                 nearest_normal=None if visual is None else self._nearest_normal(visual, inside), peak_only=peak_only,
             ))
+        whole = self._scores(shared, visual, None, margins)
         e = Explanation(
             score=score, threshold=None if threshold is None else float(threshold), anomalous=anomalous,
             pixel_threshold=pix, pixel_threshold_source=source, image_size=tuple(int(v) for v in amap.shape),
-            regions=regions, image_types=self.rank(shared, visual, None, margins), path=path,
+            regions=regions, image_types=whole[: self.n_types], path=path,
         )
-        ranking = e.ranking
-        if len(ranking) > 1:
-            e.type_confidence = ranking[0].similarity - ranking[1].similarity
+        e.type_confidence = type_confidence(rankings[0] if rankings else whole, whole)  # highest peak first
+        if e.type_confidence is not None:
             e.confidence_threshold = getattr(self, "confidence_threshold_", None)
             e.type_uncertain = e.confidence_threshold is not None and e.type_confidence < e.confidence_threshold
         return e
@@ -472,6 +481,26 @@ def explain(detector, images: Sequence[ImageLike], result: AnomalyResult | None 
     """
     ex = Explainer(detector, catalogue=catalogue, defect_types=defect_types, pixel_threshold=pixel_threshold, **options)
     return ex.fit(references=references).explain(images, result)
+
+
+def type_confidence(named_from: Sequence[TypeScore], whole_image: Sequence[TypeScore]) -> float | None:
+    """How surely a ranking names its first type (step 5 of the module docstring): that type's lead over the best
+    other type in ``named_from`` (the strongest region's ranking) and in ``whole_image`` (the whole image's), the
+    smaller of the two. Negative when the whole image ranks another type first. None when ``named_from`` has
+    fewer than two types; the region's margin alone when the whole image has no score for the named type or none
+    for another.
+
+    Both rankings come with every type: a lead measured on a truncated ranking would be too large.
+    """
+    if len(named_from) < 2:
+        return None
+    named = named_from[0].name
+    lead = named_from[0].similarity - named_from[1].similarity
+    own = [t.similarity for t in whole_image if t.name == named]
+    others = [t.similarity for t in whole_image if t.name != named]
+    if own and others:
+        lead = min(lead, own[0] - max(others))
+    return float(lead)
 
 
 def confidence_threshold(pairs: Sequence[tuple[float, bool]], n_types: int, gain: float = ABSTAIN_GAIN) -> float | None:

@@ -78,7 +78,7 @@ class Explanation:
     regions: list[Region] = field(default_factory=list)  # highest peak first
     image_types: list[TypeScore] = field(default_factory=list)  # ranking of the whole image
     path: str = ""
-    type_confidence: float | None = None  # similarity margin of the named ranking's first type over its second
+    type_confidence: float | None = None  # the named type's lead, in the region and the whole image (type_confidence)
     confidence_threshold: float | None = None  # below it the type is uncertain (learnt from the catalogue)
     type_uncertain: bool = False  # the ranking abstains: ``named_type`` is None, the ranking stays
 

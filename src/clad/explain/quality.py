@@ -8,8 +8,9 @@ With ``catalogue_shots=N``, N examples per defect type are drawn from the test s
 paths, with ``seed``) as the catalogue, and both rankings (descriptions only, descriptions + catalogue) are
 measured on the remaining defective images, so the two figures share one image set.
 
-Abstention (``coverage_curve``): the images are sorted by their ranking's confidence (``type_confidence``, the
-similarity margin of the first type over the second), most confident first; the top-1 accuracy of the first
+Abstention (``coverage_curve``): the images are sorted by their explanation's confidence (``type_confidence``:
+the named type's lead over the best other type in its strongest region's ranking and in the whole image's, the
+smaller; ``clad.explain.explainer.type_confidence``), most confident first; the top-1 accuracy of the first
 10 %, 20 %, ..., 100 % is the accuracy at that coverage (the first ceil(c * n) images; ties in confidence keep
 the images' order). ``at_threshold``: the accuracy and coverage of the images the explanations answered (not
 ``type_uncertain``), with the threshold the explainer learnt from its catalogue alone. ``calibration``: the
