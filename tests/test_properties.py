@@ -194,11 +194,15 @@ def test_pixel_metrics_bounds_and_sklearn(pixels, fpr_limit):
 # so that each example fits in a blink.
 _KEEP = {"backbone", "layers", "grid_layer", "global_layer"}
 _CAP = {"image_size": 32, "batch_size": 4, "max_bank": 5000, "neighbourhood": 5, "n_features": 64, "sigma": 6.0,
-        "eps": 10.0, "n_probe": 4, "probe_min": 64, "workers": 3}
+        "eps": 10.0, "n_probe": 4, "probe_min": 64, "workers": 3, "zoom": 2.0}
+# Fields whose valid values are a list, not a range.
+_CHOICES = {"resize": ("squeeze", "keep"), "tile": (None, 128, 256)}
 
 
 def _field_strategy(f, tp):
     """Valid values of a config field, from its annotation and its ``range`` metadata."""
+    if f.name in _CHOICES:
+        return st.sampled_from(_CHOICES[f.name])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if type(None) in args:
         inner = next(a for a in args if a is not type(None))
@@ -222,6 +226,8 @@ def _detector_params(draw, name: str) -> dict:
     for f in dataclasses.fields(cls.Config):
         if f.name not in _KEEP and draw(st.booleans()):
             params[f.name] = draw(_field_strategy(f, hints[f.name]))
+    if params.get("resize", "squeeze") == "squeeze":  # zoom and tile apply to resize=keep only
+        params.pop("zoom", None), params.pop("tile", None)
     return params
 
 
