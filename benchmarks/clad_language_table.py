@@ -23,13 +23,13 @@ def records(folder: Path) -> list[dict]:
 
 
 def cells(folders: list[Path]) -> dict:
-    """(category, label, shots) -> {seed: record} of the finished runs."""
+    """(category, label, shots) -> {seed: record} of the finished runs; where folders overlap, the first wins."""
     out = defaultdict(dict)
     for folder in folders:
         for r in records(folder):
             if r.get("status") == "ok":
                 st = r["settings"]
-                out[(st["category"], st["label"], str(st["shots"]))][st["seed"]] = r
+                out[(st["category"], st["label"], str(st["shots"]))].setdefault(st["seed"], r)
     return out
 
 
