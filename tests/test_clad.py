@@ -1,9 +1,13 @@
 """CLAD specifics: Eq. 3 by hand, synthetic anomalies, Grad-CAM, ablations, CLIP encoders."""
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import clad
@@ -241,3 +245,74 @@ def test_memory_search_keeps_the_faster_exact_search(tiny_clip_dir, monkeypatch)
     for choice in ("brute", "pruned"):
         det.index_.search = choice
         torch.testing.assert_close(det._nearest_memory(flat), want, rtol=1e-4, atol=1e-4)
+
+
+# -- the language half's score and the fit-time self-check (issue 23, part 4) ----------------------------------------
+def test_contrast_score_is_one_minus_the_softmax_at_the_normal_description():
+    from clad.detectors.clad.model import language_score
+
+    classes = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)  # normal first
+    z = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.2, 1.0, 0.1], [0.5, 0.0, 0.5]]), dim=-1)[..., None]  # (3, 3, 1)
+    sigma = torch.tensor(0.5)
+    d2 = ((z[:, None, :, 0] - classes[None]) ** 2).sum(-1)  # (3, C)
+    expected = 1 - torch.softmax(-d2 / sigma, dim=1)[:, 0]
+    got = language_score(z, classes, sigma, "contrast")[:, 0]
+    torch.testing.assert_close(got, expected)
+    assert got[1] > 0.5 > got[0]  # nearer a defect description than the normal one: anomalous
+    torch.testing.assert_close(language_score(z, classes, sigma, "normal")[:, 0], 1 - torch.exp(-d2[:, 0] / sigma))
+
+
+def _report(lang: float, fusion: dict) -> dict:
+    return {"language": {"patch": lang, "image": lang}, "memory": {"patch": 0.9, "image": 0.9},
+            "fusion": {f"{w:.1f}": v for w, v in fusion.items()}}
+
+
+def test_the_language_weight_is_earned_on_the_self_check():
+    from clad.detectors.clad.calibration import choose_language_weight, language_is_weak
+
+    flat = {w / 10: 0.9 for w in range(6)}
+    helps = {0.0: 0.90, 0.1: 0.93, 0.2: 0.95, 0.3: 0.952, 0.4: 0.94, 0.5: 0.93}
+    assert choose_language_weight(_report(0.95, helps)) == 0.2  # the smallest within half a point of the best
+    assert choose_language_weight(_report(0.95, flat)) == 0.0  # no gain over the memory alone: no weight
+    assert choose_language_weight(_report(0.995, {**flat, 0.5: 0.905})) == 0.0  # half a point is not enough
+    assert language_is_weak(_report(0.55, helps)) and choose_language_weight(_report(0.55, helps)) == 0.0
+    assert not language_is_weak(_report(0.65, helps))
+
+
+def test_self_check_is_stored_and_survives_save_and_load(tiny_clip_dir, tmp_path):
+    refs = [texture((64, 64), s) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny random model's language map may well be weak
+        det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir)).fit(refs)
+    check = det.self_check_
+    assert set(check) == {"language", "memory", "fusion"} and len(check["fusion"]) == 6
+    assert all(v is None or 0.0 <= v <= 1.0 for half in ("language", "memory") for v in check[half].values())
+    assert det.memory_weight() == 1.0 - det.language_weight_
+    det.save(tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert doc["meta"]["self_check"] == check and doc["meta"]["language_weight"] == det.language_weight_
+    back = clad.load_detector(tmp_path / "m")
+    assert back.self_check_ == check and back.language_weight_ == det.language_weight_
+    tests = [texture((64, 64), 7), plant_square(texture((64, 64), 8), 20, 20, 12)[0]]
+    np.testing.assert_allclose(back.predict(tests).scores, det.predict(tests).scores, rtol=1e-5)
+
+
+def test_a_useless_language_map_warns_and_gets_no_weight(tiny_clip_dir, monkeypatch):
+    """A language map of noise (forced) is caught at fit: a warning, and CLAD+ fuses the memory alone."""
+    from clad.detectors.clad import detector as module
+
+    noise = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(module, "language_score",
+                        lambda z, *a: torch.rand(z.shape[:1] + z.shape[2:], generator=noise))
+    refs = [texture((64, 64), s) for s in range(2)]
+    with pytest.warns(UserWarning, match="language map is near or below chance"):
+        det = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir)).fit(refs)
+    assert det.language_weight_ == 0.0 and det.memory_weight() == 1.0
+    assert det.self_check_["language"]["patch"] < 0.6
+    fixed = clad.create_detector("clad_plus", **_tiny(tiny_clip_dir, memory_weight=0.7))
+    assert fixed.adopt(det).memory_weight() == 0.7  # a number given by the user is kept
+
+
+def test_memory_weight_is_none_or_a_fraction():
+    with pytest.raises(ValueError, match="memory_weight"):
+        clad.create_detector("clad_plus", memory_weight=1.5)

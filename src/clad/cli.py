@@ -111,6 +111,8 @@ def cmd_fit(args) -> int:
             det.set_threshold(args.threshold)
         out = det.save(args.out)
     print(f"fitted {det.name} on {len(samples)} reference image(s) in {time.perf_counter() - t0:.1f} s -> {out}")
+    for key, value in det.fit_report().items():
+        print(f"  {key}: {json.dumps(value)}")
     if det.threshold_ is not None:
         print(f"  threshold {det.threshold_:.6g} (from the {det.threshold_source_}; normalised scores put it at 0.5)")
     return 0

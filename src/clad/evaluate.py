@@ -159,6 +159,7 @@ def evaluate(
         failures=train_fail + scored.failures,
         detector=detector.name,
         params=dataclasses.asdict(detector.config),
+        fit_report=detector.fit_report(),
     )
     if keep_predictions:
         out["_predictions"] = scored.predictions(detector.threshold_)

@@ -119,6 +119,7 @@ def execute_run(run: Run, tests: _TestSplits, backbone_times: dict, bt_dir: Path
         "memory": memory,
         "iou_threshold_source": res.get("iou_threshold_source"),
         "fit_shared_with": None if source is None else source["label"],
+        "fit_report": res.get("fit_report") or None,
         "failures": res.get("failures", []) + test_failures,
         "predictions": {
             "paths": [s.path for s in pred["samples"]],

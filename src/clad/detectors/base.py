@@ -318,6 +318,11 @@ class Detector:
             parts.append(AnomalyResult(np.asarray(scores, np.float32), [np.asarray(m, np.float32) for m in maps]))
         return apply_threshold(AnomalyResult.concat(parts), self.threshold_, self.threshold_scale_)
 
+    def fit_report(self) -> dict:
+        """What the fit found that a user should see beside the scores (e.g. CLAD's self-check); JSON-ready, empty
+        by default. ``clad fit`` prints it and ``clad bench`` records it."""
+        return {}
+
     def fit_signature(self) -> str:
         """What ``fit`` depends on: the family and every config field but the inference-only ones."""
         cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.inference_params}

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clad.detectors.clad.model import language_score
 from clad.ops.features import aggregate
 from clad.ops.smoothing import _axis_operator
 
@@ -195,7 +196,7 @@ class PaDiMGraph(Graph):
 
 
 class CLADGraph(Graph):
-    """CLAD and CLAD+: the language map 1 - S (Eq. 4) of each patch against the normal class embedding (a constant
+    """CLAD and CLAD+: the language map of each patch against the class embeddings (``language_score``; constants
     of the fit: no text encoder runs at prediction), with CLAD+ fused with the patch memory's distances."""
 
     def __init__(self, det, block_distances: int = BLOCK_DISTANCES):
@@ -205,10 +206,11 @@ class CLADGraph(Graph):
         super().__init__(m.backbone, cfg.image_size, cfg.map_sigma, h1.shape[-2:])
         self.model = m
         self.heads, self.tail = m.heads, m.tail  # registered, so that the exporter sees them as parameters
-        self.register_buffer("normal", det.text_embeddings_[0].float())  # (D,)
+        self.register_buffer("classes", det.text_embeddings_.float())  # (C, D), normal first
         for name in ("sigma", "sigma_image", "scale_lang", "scale_mem"):
             self.register_buffer(name, torch.as_tensor(getattr(det, f"{name}_")).float())
-        self.memory, self.memory_weight, self.pooled = cfg.memory, cfg.memory_weight, cfg.image_score == "pooled"
+        self.memory, self.memory_weight, self.pooled = cfg.memory, det.memory_weight(), cfg.image_score == "pooled"
+        self.rule = cfg.language_score
         if cfg.memory:
             h, w = self.grid
             self.search = NearestDistance(det.memory_bank_, max(1, block_distances // (h * w)))
@@ -217,8 +219,7 @@ class CLADGraph(Graph):
         m, (h, w) = self.model, self.grid
         h1, h2 = m.stage_features(self.normalize(images), tuned=True)
         z = m.project(m.combine(h1, h2))  # (B, D, h, w)
-        d2 = ((z - self.normal[None, :, None, None]) ** 2).sum(1)
-        patch = 1 - torch.exp(-d2 / self.sigma)  # (B, h, w) language map
+        patch = language_score(z, self.classes, self.sigma, self.rule)  # (B, h, w) language map
         if self.memory:
             feat = m.combine(h1, m.frozen_last(h1, h2))
             mem = self.search(feat.permute(0, 2, 3, 1).reshape(-1, h * w, feat.shape[1]))[0].reshape(-1, h, w)
@@ -227,7 +228,7 @@ class CLADGraph(Graph):
         maps = self.smooth(patch)
         if self.pooled:
             z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
-            scores = 1 - torch.exp(-((z_img - self.normal) ** 2).sum(1) / self.sigma_image)
+            scores = language_score(z_img, self.classes, self.sigma_image, self.rule)
         else:
             scores = maps.flatten(1).amax(1)
         return scores, maps, patch

@@ -17,12 +17,17 @@ Reading of the paper used here (it leaves the details unsaid; docs/method.md say
   real labelled defects of other categories, each with the description its defect type maps to (``aux_kind``).
 - Eq. 6-7: L = L_contrastive + lambda * (||dec_v(z_v) - f_v||^2 + ||dec_t(z_t) - f_t||^2), the decoders mapping the
   shared space back to the frozen encoders' features (normal patches only on the visual side).
-- Eq. 4: S = exp(-||z_v - z_t||^2 / sigma) against the normal class embedding, sigma = mean squared distance of the
-  references' patches; anomaly score 1 - S, per patch for the map and for the image embedding.
+- Eq. 4: S = exp(-||z_v - z_t||^2 / sigma), sigma = mean squared distance of the references' patches to the normal
+  class embedding; anomaly score 1 - the normal class's share of S over all class embeddings (``language_score``
+  "contrast"; "normal": 1 - S against the normal class alone, Eq. 4 literally), per patch for the map and for the
+  image embedding.
+- The self-check at fit: held-out views of the references against synthetic anomalies made on them; each half's
+  AUROC is kept (``self_check_``), a language map under 0.6 is warned about.
 - CLAD+ (``memory=True``): the language map is fused with a few-shot patch memory of the references' frozen
   features (nearest-neighbour distance, as PatchCore / WinCLIP+ do): each map is divided by its 99th percentile on
-  held-out augmented normal views of the references, then averaged with weight ``memory_weight``. Teaching
-  (``add_references``) grows the memory as PatchCore's and sets its scale again; the language half stays.
+  held-out augmented normal views of the references, then averaged; the language weight is chosen from the
+  self-check (``memory_weight`` None) or given. Teaching (``add_references``) grows the memory as PatchCore's and
+  sets its scale again; the language half and its weight stay.
 """
 from clad.detectors.clad.calibration import memory_size
 from clad.detectors.clad.config import CLADConfig, CLADPlusConfig

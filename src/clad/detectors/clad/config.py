@@ -33,7 +33,12 @@ class CLADConfig:
     aux: str | None = field(default=None, metadata={"omit_from_key_when": {"aux": None}})
     aux_images: int = field(default=32, metadata={"omit_from_key_when": {"aux": None}})
     memory: bool = False  # CLAD+: fuse with a few-shot patch memory
-    memory_weight: float = 0.5
+    # The memory map's weight in CLAD+'s fusion (the language map has 1 - memory_weight). None: chosen at fit by
+    # the self-check on held-out views of the references (``calibration.choose_language_weight``); a number fixes it.
+    memory_weight: float | None = None
+    # The language map: "contrast" = 1 - softmax over the class descriptions at the normal one (Eq. 4's kernel,
+    # normalised over the descriptions); "normal" = Eq. 4 literally, 1 - S against the normal description alone.
+    language_score: str = "contrast"
     # The patch memory keeps ceil(memory_ratio * N) of the references' N patches, at least memory_min (all of
     # them when fewer) and at most memory_max, by PatchCore's greedy k-center coreset. Neither changes anything
     # without the memory (``clad``), so there they stay out of the bench's cache keys.
@@ -48,11 +53,14 @@ class CLADConfig:
     def __post_init__(self):
         self.layers = tuple(self.layers)
         for key, allowed in (("loss", ("contrastive", "supervised")), ("image_score", ("pooled", "max")),
-                             ("localization", ("dense", "gradcam"))):
+                             ("localization", ("dense", "gradcam")),
+                             ("language_score", ("contrast", "normal"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if len(self.layers) != 2:
             raise ValueError(f"layers must name two stages (frozen, fine-tuned), got {self.layers}")
+        if self.memory_weight is not None and not 0.0 <= self.memory_weight <= 1.0:
+            raise ValueError(f"memory_weight must be None (chosen at fit) or in [0, 1], got {self.memory_weight}")
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
         if not 1 <= self.memory_min <= self.memory_max:

@@ -7,6 +7,7 @@ CLAD+ averaged with the memory map, each divided by its scale; the image score i
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -18,7 +19,7 @@ from clad.detectors.base import Detector
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.detectors.clad import calibration
 from clad.detectors.clad.config import CLADConfig, CLADPlusConfig
-from clad.detectors.clad.model import CLADModel
+from clad.detectors.clad.model import CLADModel, language_score
 from clad.detectors.clad.training import train
 from clad.detectors.thresholds import keep_references
 from clad.ops.coreset import KCenterIndex, continue_coreset, greedy_coreset
@@ -31,7 +32,9 @@ class CLAD(BackbonePatchFeatures, Detector):
     """The paper's CLAD: language-aligned patch and image embeddings trained with Eq. 3 (+ Eq. 7).
 
     Fitted: ``model_`` (``CLADModel``), ``text_embeddings_`` (C, D) of the classes, ``sigma_`` / ``sigma_image_``,
-    ``memory_bank_`` (M, C), ``scale_lang_`` / ``scale_mem_``, ``aux_types_``; the threshold as every detector's.
+    ``memory_bank_`` (M, C), ``scale_lang_`` / ``scale_mem_``, ``aux_types_``, ``self_check_`` (the held-out
+    AUROCs, ``calibration.check``) and ``language_weight_`` (CLAD+'s, chosen from them); the threshold as every
+    detector's.
     """
 
     Config = CLADConfig
@@ -74,6 +77,44 @@ class CLAD(BackbonePatchFeatures, Detector):
         with self._brute_search():
             lang, mem, _ = self._maps(m.backbone.preprocess(views, cfg.image_size), need_memory=True)
         self.scale_lang_, self.scale_mem_ = calibration.scale(lang), calibration.scale(mem)
+        self._self_check(refs)
+
+    @torch.no_grad()
+    def _self_check(self, refs) -> None:
+        """Score held-out views of the references against synthetic anomalies made on them (``calibration.check``):
+        ``self_check_`` holds each half's AUROCs; a language map near or below chance is warned about, and CLAD+'s
+        language weight (``language_weight_``) is chosen from the fused AUROCs (``choose_language_weight``)."""
+        cfg, m = self.config, self.model_
+        images, masks, labels = calibration.check_set(refs, cfg.seed, cfg.image_size)
+        parts = []
+        with self._brute_search():
+            for start in range(0, len(images), cfg.batch_size):
+                lang, mem, z = self._maps(m.backbone.preprocess(images[start : start + cfg.batch_size], cfg.image_size),
+                                          need_memory=True)
+                parts.append((lang, mem, self._pooled(z)))
+        lang, mem, pooled = (torch.cat(p) for p in zip(*parts))
+        peak = lambda patch: smooth_working(patch, cfg.image_size, cfg.map_sigma).flatten(1).max(1).values  # noqa: E731
+        self.self_check_ = calibration.check(lang, mem, pooled, masks, labels, self.scale_lang_, self.scale_mem_,
+                                             peak)
+        self.language_weight_ = calibration.choose_language_weight(self.self_check_)
+        if calibration.language_is_weak(self.self_check_):
+            lc = {k: "n/a" if v is None else f"{v:.3f}" for k, v in self.self_check_["language"].items()}
+            warnings.warn(f"{self.name}: the language map is near or below chance on held-out views of the references "
+                          f"(self-check AUROC patch {lc['patch']}, image {lc['image']}; under "
+                          f"{calibration.WARN_BELOW}): its scores are not to be trusted"
+                          + ("; CLAD+ gives it no weight" if cfg.memory else ""), stacklevel=5)
+
+    def fit_report(self) -> dict:
+        """The self-check's AUROCs and the fusion's weights: the language weight chosen at fit, the memory weight
+        predict uses (None without the memory)."""
+        return {"self_check": self.self_check_, "language_weight_chosen": self.language_weight_,
+                "memory_weight": self.memory_weight() if self.config.memory else None}
+
+    def memory_weight(self) -> float:
+        """The memory map's weight in the fusion: ``config.memory_weight``, or 1 - the language weight chosen at
+        fit (``language_weight_``) when that is None."""
+        w = self.config.memory_weight
+        return 1.0 - self.language_weight_ if w is None else w
 
     @torch.no_grad()
     def _add_references(self, arrays) -> None:
@@ -137,8 +178,7 @@ class CLAD(BackbonePatchFeatures, Detector):
         m = self.model_
         h1, h2 = m.stage_features(x, tuned=True)
         z = m.project(m.combine(h1, h2))
-        d2 = ((z - self.text_embeddings_[0][None, :, None, None]) ** 2).sum(1)
-        lang = 1 - torch.exp(-d2 / self.sigma_)
+        lang = language_score(z, self.text_embeddings_, self.sigma_, self.config.language_score)
         mem = None
         if need_memory:
             feat = m.combine(h1, m.frozen_last(h1, h2))
@@ -154,10 +194,9 @@ class CLAD(BackbonePatchFeatures, Detector):
             lang, mem, z = self._maps(x, need_memory=cfg.memory)
             patch = lang
             if cfg.memory:
-                w = cfg.memory_weight
+                w = self.memory_weight()
                 patch = w * mem / self.scale_mem_ + (1 - w) * lang / self.scale_lang_
-            z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
-            s_img = 1 - torch.exp(-((z_img - self.text_embeddings_[0]) ** 2).sum(1) / self.sigma_image_)
+            s_img = self._pooled(z)
         if cfg.localization == "gradcam":
             patch = self._gradcam(x)
         if cfg.image_score == "pooled":
@@ -165,6 +204,11 @@ class CLAD(BackbonePatchFeatures, Detector):
         else:  # the largest value of the smoothed map at the working size
             scores = smooth_working(patch, cfg.image_size, cfg.map_sigma).flatten(1).max(1).values
         return scores.numpy(), smooth_maps(patch, cfg.image_size, cfg.map_sigma, shapes)
+
+    def _pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 on the image embeddings (the normalised mean of the patch embeddings z (B, D, h, w)): (B,)."""
+        z_img = F.normalize(z.mean(dim=(2, 3)), dim=-1)
+        return language_score(z_img, self.text_embeddings_, self.sigma_image_, self.config.language_score)
 
     def _gradcam(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 5: Grad-CAM of ||z_v - z_t||^2 w.r.t. the last stage's activations, on that stage's grid.
@@ -223,7 +267,8 @@ class CLAD(BackbonePatchFeatures, Detector):
         t.update({f"text.{k}": v for k, v in m.text.named_parameters() if id(v) in trainable})
         t.update(text_embeddings=self.text_embeddings_, sigma=self.sigma_, sigma_image=self.sigma_image_,
                  memory_bank=self.memory_bank_, scale_lang=self.scale_lang_, scale_mem=self.scale_mem_)
-        return t, {"classes": m.classes, "prompts": m.prompts, "aux_types": self.aux_types_}
+        return t, {"classes": m.classes, "prompts": m.prompts, "aux_types": self.aux_types_,
+                   "self_check": self.self_check_, "language_weight": self.language_weight_}
 
     def _set_state(self, tensors, meta):
         m = self.model_ = CLADModel(self.config)
@@ -242,6 +287,10 @@ class CLAD(BackbonePatchFeatures, Detector):
         m.classes = list(meta["classes"])
         m.prompts = [tuple(p) for p in meta["prompts"]]
         self.aux_types_ = list(meta.get("aux_types", []))
+        self.self_check_ = meta.get("self_check")
+        self.language_weight_ = float(meta.get("language_weight", 0.5))
+        if "language_weight" not in meta:  # saved before the self-check: it predicts as it did then
+            self.config.language_score = "normal"
 
 
 class CLADPlus(CLAD):

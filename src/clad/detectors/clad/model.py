@@ -29,6 +29,23 @@ class Heads(nn.Module):
         self.register_buffer("feat_std", torch.ones(1, c_vis, 1, 1))
 
 
+def language_score(z: torch.Tensor, classes: torch.Tensor, sigma: torch.Tensor, rule: str) -> torch.Tensor:
+    """The language half's anomaly score of embeddings z (B, D, ...) against the class embeddings (C, D), normal
+    first, with Eq. 4's kernel exp(-||z - t||^2 / sigma): (B, ...) in [0, 1].
+
+    "contrast": 1 - the normal class's share of the kernel over all classes (a softmax over the descriptions), so a
+    patch scores high only when it is nearer a defect description than the normal one. "normal": 1 - S against the
+    normal description alone (Eq. 4 as the paper writes it), which ignores the defect descriptions it trained with.
+    """
+    if rule == "normal":
+        d2 = ((z - classes[0].view(1, -1, *([1] * (z.dim() - 2)))) ** 2).sum(1)
+        return 1 - torch.exp(-d2 / sigma)
+    # -||z - t||^2 / sigma = (2 z.t - 2) / sigma for unit vectors; the constant cancels in the softmax
+    logits = torch.einsum("bd...,cd->bc...", z, classes) * (2 / sigma)  # (B, C, ...)
+    # 1 - softmax at the normal class = sigmoid(logsumexp(defect logits) - normal logit): exact in the tails
+    return torch.sigmoid(torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])
+
+
 def training_descriptions(cfg: CLADConfig) -> tuple[list[str], list[tuple[str, str]]]:
     """The classes ("normal", then the synthetic kinds) and their (class, description) pairs for ``cfg``'s object:
     ``clad.vocabulary``'s descriptions, replaced class by class by ``cfg.descriptions``."""
