@@ -99,7 +99,8 @@ def test_tile_at_least_the_image_changes_nothing_and_smaller_tiles_score():
 
 @pytest.mark.parametrize("params,match", [({"resize": "crop"}, "resize"), ({"resize": "keep", "tile": 200}, "multiple"),
                                           ({"resize": "keep", "tile": 64}, "tile"),
-                                          ({"zoom": 2.0}, "resize=keep"), ({"resize": "keep", "zoom": 0}, "zoom")])
+                                          ({"zoom": 2.0}, "resize=keep"), ({"resize": "keep", "zoom": 0}, "zoom"),
+                                          ({"resize": "keep", "zoom": 0.01}, "zoom")])
 def test_bad_shape_settings_are_refused(params, match):
     with pytest.raises(ConfigError, match=match):
         clad.create_detector("patchcore", backbone="tiny_cnn", **params)

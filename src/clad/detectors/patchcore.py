@@ -97,7 +97,7 @@ class PatchCoreConfig:
     # sqrt(H * W), times ``zoom``); with keep, ``tile`` cuts working images with a longer side into overlapping
     # tiles of that size (with zoom > 1: the high-resolution mode). Measured in benchmarks/README.md ("Shape").
     resize: str = field(default="squeeze", metadata={"omit_from_key_when": {"resize": "squeeze"}})
-    zoom: float = bounded(1.0, "(0, inf)", omit_from_key_when={"resize": "squeeze"})
+    zoom: float = bounded(1.0, "[0.25, 8]", omit_from_key_when={"resize": "squeeze"})
     tile: int | None = bounded(None, "[128, inf)", omit_from_key_when={"tile": None})
     seed: int = 0
 
