@@ -69,6 +69,8 @@ def test_patchcore_keep_maps_at_the_input_shape_and_survives_saving(tmp_path):
     assert [m.shape for m in res.anomaly_maps] == [(96, 288), (96, 288), (50, 300)]
     assert res.scores[1] > res.scores[0]
     assert res.anomaly_maps[1][mask].mean() > res.anomaly_maps[1][~mask].mean()
+    cams = det.gradcam(tests)  # per working shape too
+    assert [c.shape for c in cams] == [(96, 288), (96, 288), (50, 300)] and all(np.isfinite(c).all() for c in cams)
     again = clad.load_detector(det.save(tmp_path / "m")).predict(tests)
     np.testing.assert_allclose(again.scores, res.scores, rtol=1e-5)
     assert again.threshold == pytest.approx(res.threshold)

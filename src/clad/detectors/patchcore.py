@@ -215,7 +215,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
         without gradient, then the distance to it is differentiated (the min is piecewise that distance).
         """
         self._check_fitted()
-        cfg, bb = self.config, self._backbone()
+        bb = self._backbone()
         out = []
         for start in range(0, len(images), batch_size):
             arrays, shapes = load_batch(images[start : start + batch_size])
