@@ -45,7 +45,7 @@ from clad.detectors.base import Detector, bounded
 from clad.detectors.capabilities import BackbonePatchFeatures, from_config
 from clad.ops.coreset import KCenterIndex, continue_coreset, greedy_coreset, worker_pool
 from clad.ops.features import aggregate, patch_embeddings
-from clad.ops.geometry import RESIZE_MODES, Geometry, reference_scale
+from clad.ops.geometry import RESIZE_MODES, STEP, Geometry, reference_scale
 from clad.ops.gradcam import grad_cam
 from clad.ops.ivf import ProjectedIVF, one_blas_thread
 from clad.ops.knn import knn
@@ -105,8 +105,8 @@ class PatchCoreConfig:
         self.layers = tuple(self.layers)
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.tile is not None and self.tile % 16:
-            raise ValueError(f"tile must be a multiple of 16, got {self.tile}")
+        if self.tile is not None and self.tile % STEP:
+            raise ValueError(f"tile must be a multiple of {STEP}, got {self.tile}")
         if self.resize == "squeeze" and (self.zoom != 1.0 or self.tile is not None):
             raise ValueError("zoom and tile apply to resize=keep only")
 
