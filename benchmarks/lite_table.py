@@ -1,6 +1,7 @@
 """The backbone table of issue 23, part 1: `clad bench` folders, one per backbone, side by side.
 
     python benchmarks/lite_table.py /tmp/lite12/lite0 /tmp/lite12/lite1 /tmp/lite12/lite2
+    python benchmarks/lite_table.py --skip clad_plus-memory-only DIR [DIR ...]   # leave runs of these labels out
 
 Reads every successful run under each folder's ``runs/`` and prints one markdown row per category, detector and
 shots: image and pixel AUROC (%) as mean ± sample sd over the seeds run, predict ms/image (median over the seeds)
@@ -31,13 +32,13 @@ def _cell(runs: list[dict]) -> str:
             f"{ms:.0f} ms ({ratio:.1f}x){seeds}")
 
 
-def main(folders: list[str]) -> None:
+def main(folders: list[str], skip: set[str] = frozenset()) -> None:
     table: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     backbones = []
     for folder in folders:
         for path in sorted(Path(folder, "runs").glob("*.json")):
             run = json.loads(path.read_text())
-            if run.get("status") != "ok":
+            if run.get("status") != "ok" or run["settings"].get("label") in skip:
                 continue
             s = run["settings"]
             bb = run["backbone"]
@@ -79,4 +80,8 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    skip = set()
+    if args[:1] == ["--skip"]:
+        skip, args = set(args[1].split(",")), args[2:]
+    main(args, skip)
