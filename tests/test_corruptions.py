@@ -112,13 +112,25 @@ def test_jittered_copies_are_seeded_and_join_patchcore_memory(image_and_mask):
     from clad.registry import create_detector
 
     images = [image_and_mask[0], image_and_mask[0][::-1].copy()]
-    a, b = jittered_copies(images, 2, (0, 0)), jittered_copies(images, 2, (0, 0))
+    a, b = jittered_copies(images, 2, 0), jittered_copies(images, 2, 0)
     assert len(a) == 4 and all(x.shape == images[0].shape and x.dtype == np.uint8 for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], a[1])
+    assert all(np.array_equal(x, y) for x, y in zip(a[2:], jittered_copies(images[1:], 2, 0, first=1)))  # per image
     assert jittered_copies(images, 0, 0) == []
-    plain = create_detector("patchcore", backbone="tiny_cnn", image_size=32).fit(images)
+    plain = create_detector("patchcore", backbone="tiny_cnn", image_size=32, reference_jitter=0).fit(images)
     jittered = create_detector("patchcore", backbone="tiny_cnn", image_size=32, reference_jitter=2).fit(images)
-    assert jittered.bank_size_ == 3 * plain.bank_size_
+    assert create_detector("patchcore").config.reference_jitter == 1  # on by default
+    # the copies join the bank the coreset selects from, but the memory keeps coreset_ratio of the references' own
+    # patches: it does not grow with the jitter, and some of its rows come from the copies
+    assert jittered.bank_size_ == plain.bank_size_ and len(jittered.memory_bank_) == len(plain.memory_bank_)
+    own = plain._patches(images)[:, None, :]  # every patch of the references themselves
+    assert (jittered.memory_bank_[None] - own).abs().amax(-1).amin(0).gt(1e-4).any()
+    # teaching keeps that ratio: two more references (six patches' worth with their copies) add as many rows as
+    # they would without jitter
+    more = [np.ascontiguousarray(x[:, ::-1]) for x in images]
+    plain.add_references(more)
+    jittered.add_references(more)
+    assert jittered.bank_size_ == plain.bank_size_ and len(jittered.memory_bank_) == len(plain.memory_bank_)
 
 
 @pytest.mark.parametrize("name", ["patchcore", "padim"])
