@@ -143,10 +143,10 @@ def test_coreset_size_rounds_up(n_patches, ratio, expected):
 
 
 def test_patchcore_keeps_ratio_of_memory_bank():
-    images = [texture((64, 64), s) for s in range(3)]  # 3 images x 8 x 8 patches at stride 8
+    images = [texture((64, 64), s) for s in range(3)]  # 3 images x 8 x 8 patches at stride 8, and as many copies
     det = clad.create_detector("patchcore", coreset_ratio=0.25, **TINY).fit(images)
-    assert det.bank_size_ == 3 * 8 * 8
-    assert len(det.memory_bank_) == coreset_size(192, 0.25) == 48
+    assert det.bank_size_ == 2 * 3 * 8 * 8
+    assert len(det.memory_bank_) == coreset_size(384, 0.25) == 96
 
 
 # ------------------------------------------------------------------------------------------------- PaDiM

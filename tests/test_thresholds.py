@@ -61,11 +61,7 @@ def test_the_threshold_flags_planted_defects_and_few_normals(name):
     normals = [texture((64, 64), s) for s in range(100, 120)]
     defects = [plant_square(texture((64, 64), s), *rng.integers(4, 44, 2), 12, int(rng.choice([10, 250])))[0]
                for s in range(200, 220)]
-    # PatchCore without its jittered copies here: four 64 px textures leave a 26-row memory, which the copies would
-    # share, and unseen normal textures then score among the threshold's views (the rule on real images, with the
-    # copies: benchmarks/README.md, "Corruption robustness")
-    extra = {"reference_jitter": 0} if name == "patchcore" else {}
-    det = clad.create_detector(name, **TINY, **extra).fit(refs)
+    det = clad.create_detector(name, **TINY).fit(refs)
     assert det.threshold_source_ == "references"
     assert det.predict(defects).labels.mean() >= 0.8
     assert det.predict(normals).labels.mean() <= 0.1
