@@ -109,16 +109,38 @@ def test_parse_corruptions():
 
 def test_jittered_copies_are_seeded_and_join_patchcore_memory(image_and_mask):
     from clad.data.corruptions import jittered_copies
+    from clad.detectors.patchcore import coreset_size
     from clad.registry import create_detector
 
     images = [image_and_mask[0], image_and_mask[0][::-1].copy()]
-    a, b = jittered_copies(images, 2, (0, 0)), jittered_copies(images, 2, (0, 0))
+    a, b = jittered_copies(images, 2, 0), jittered_copies(images, 2, 0)
     assert len(a) == 4 and all(x.shape == images[0].shape and x.dtype == np.uint8 for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], a[1])
+    assert all(np.array_equal(x, y) for x, y in zip(a[2:], jittered_copies(images[1:], 2, 0, first=1)))  # per image
     assert jittered_copies(images, 0, 0) == []
-    plain = create_detector("patchcore", backbone="tiny_cnn", image_size=32).fit(images)
-    jittered = create_detector("patchcore", backbone="tiny_cnn", image_size=32, reference_jitter=2).fit(images)
-    assert jittered.bank_size_ == 3 * plain.bank_size_
+    tiny = {"backbone": "tiny_cnn", "image_size": 32}
+    plain = create_detector("patchcore", **tiny, reference_jitter=0).fit(images)
+    assert create_detector("patchcore").config.reference_jitter == 1  # on by default
+    own = plain._patches(images)[:, None, :]  # every patch of the references themselves
+    # coreset_of="bank" (the default): the copies are patches like any other, the memory grows with them
+    grown = create_detector("patchcore", **tiny, reference_jitter=2).fit(images)
+    assert grown.bank_size_ == 3 * plain.bank_size_
+    assert len(grown.memory_bank_) == coreset_size(3 * plain.bank_size_, grown.config.coreset_ratio)
+    assert (grown.memory_bank_[None] - own).abs().amax(-1).amin(0).gt(1e-4).any()  # some rows are the copies'
+    # coreset_of="references": the memory keeps coreset_ratio of the references' own patches, shared with the copies
+    shared = create_detector("patchcore", **tiny, reference_jitter=2, coreset_of="references").fit(images)
+    assert shared.bank_size_ == plain.bank_size_ and len(shared.memory_bank_) == len(plain.memory_bank_)
+    assert (shared.memory_bank_[None] - own).abs().amax(-1).amin(0).gt(1e-4).any()
+    # teaching counts the new references' patches as the fit did: two more references add as many rows as a fit
+    # on all four would keep
+    more = [np.ascontiguousarray(x[:, ::-1]) for x in images]
+    for det in (plain, grown, shared):
+        det.add_references(more)
+    assert grown.bank_size_ == 3 * plain.bank_size_
+    assert len(grown.memory_bank_) == coreset_size(grown.bank_size_, grown.config.coreset_ratio)
+    assert shared.bank_size_ == plain.bank_size_ and len(shared.memory_bank_) == len(plain.memory_bank_)
+    with pytest.raises(ValueError, match="coreset_of"):
+        create_detector("patchcore", coreset_of="copies")
 
 
 @pytest.mark.parametrize("name", ["patchcore", "padim"])

@@ -116,7 +116,7 @@ def test_padim_teaching_equals_a_fit_on_all_references():
     images, _ = _tests()
     np.testing.assert_allclose(taught.predict(images).scores, scratch.predict(images).scores, rtol=1e-4)
     assert taught.threshold_ == pytest.approx(scratch.threshold_, rel=1e-4)  # views of the same 7 references
-    assert taught.n_references_ == 7 and taught.moments_.n == 7
+    assert taught.n_references_ == 7 and taught.moments_.n == 14  # each reference and its jittered copy
 
 
 def test_patch_knn_teaching_appends_the_memory():
@@ -137,18 +137,21 @@ def test_patch_knn_memory_stays_a_sample_past_max_bank():
 
 
 def test_patchcore_without_subsampling_equals_a_fit_on_all_references():
-    taught = _make("patchcore", coreset_ratio=1.0).fit(A).add_references(B)
-    scratch = _make("patchcore", coreset_ratio=1.0).fit(A + B)
+    # without jittered copies: with them the memory keeps as many rows as the references have patches, chosen
+    # among theirs and the copies', by a greedy rule that a continued selection cannot repeat exactly
+    taught = _make("patchcore", coreset_ratio=1.0, reference_jitter=0).fit(A).add_references(B)
+    scratch = _make("patchcore", coreset_ratio=1.0, reference_jitter=0).fit(A + B)
     assert torch.equal(taught.memory_bank_, scratch.memory_bank_)
     images, _ = _tests()
     np.testing.assert_allclose(taught.predict(images).scores, scratch.predict(images).scores, rtol=1e-5)
 
 
 def test_patchcore_coreset_grows_like_a_fit_on_all_references():
-    before = _make("patchcore", coreset_ratio=0.25).fit(A)
+    # the continued greedy rule against a fresh one, on the references alone (the copies' share: test_corruptions)
+    before = _make("patchcore", coreset_ratio=0.25, reference_jitter=0).fit(A)
     size = len(before.memory_bank_)
     taught = before.add_references(B)
-    scratch = _make("patchcore", coreset_ratio=0.25).fit(A + B)
+    scratch = _make("patchcore", coreset_ratio=0.25, reference_jitter=0).fit(A + B)
     assert len(taught.memory_bank_) == len(scratch.memory_bank_) == coreset_size(7 * 64, 0.25) > size
     every = torch.cat([taught._patches(A), taught._patches(B)])
     assert coverage_radius(every, taught.memory_bank_) <= 1.25 * coverage_radius(every, scratch.memory_bank_)
@@ -166,6 +169,7 @@ def test_patchcore_teaching_with_the_approximate_search_keeps_exact_image_scores
     det.add_references(B[:1])
     assert det.probe_index_.built_size == built and len(det.memory_bank_) > built  # extended, not rebuilt
     images, _ = _tests()
+    det.config.reference_jitter = 0  # _patches of the test images themselves, without copies
     patches = det._patches(images).view(len(images), -1, det.memory_bank_.shape[1])  # (B, h*w, C)
     exact = torch.stack([knn(p, det.memory_bank_, k=1, indices=False)[0].max() for p in patches])
     np.testing.assert_allclose(det.predict(images).scores, exact.numpy(), rtol=1e-4)

@@ -138,13 +138,14 @@ JITTER = {
 }
 
 
-def jittered_copies(images: Sequence[np.ndarray], copies: int, seed) -> list[np.ndarray]:
+def jittered_copies(images: Sequence[np.ndarray], copies: int, seed: int, first: int = 0) -> list[np.ndarray]:
     """``copies`` photometric variants of each (H, W, 3) uint8 image (brightness, contrast, blur, noise drawn from
-    ``JITTER``), image-major; ``seed`` (anything ``np.random.default_rng`` takes) fixes them. For detectors that
-    add them to their normal references."""
-    rng = np.random.default_rng(seed)
+    ``JITTER``), image-major. Image ``i`` of the list is reference ``first + i``: its draws depend on ``seed`` and
+    that number only, so a detector taught its references a few at a time jitters each as one fit on all of them
+    would. For detectors that add the copies to their normal references."""
     out = []
-    for image in images:
+    for i, image in enumerate(images):
+        rng = np.random.default_rng((seed, first + i))
         for _ in range(copies):
             x = image.astype(np.float32)
             short = min(image.shape[:2])

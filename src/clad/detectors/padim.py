@@ -49,8 +49,9 @@ class PaDiMConfig:
     # added to the covariance diagonal (the paper's 0.01 is too small for these features)
     eps: float = bounded(1.0, "[1e-06, inf)")  # smaller is lost to float32 rounding beside the features
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
-    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
-    reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
+    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the Gaussians' samples;
+    # 0: none. On by default (benchmarks/README.md, "Corruption robustness")
+    reference_jitter: int = bounded(1, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
     # score each position by its distance minus the median of its image's, so that a change of the whole image
     # (noise, blur, lighting) that moves every score alike moves none. Measured worse (benchmarks/README.md,
     # "Corruption robustness"): clean AUROC falls on magnetic tile and the drop grows on bottle; kept off.
@@ -137,7 +138,7 @@ class PaDiM(BackbonePatchFeatures, Detector):
         cfg = self.config
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
-            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, first + start))
+            arrays += jittered_copies(arrays, cfg.reference_jitter, cfg.seed, first + start)
             f = self._grid_features(arrays)  # (B, C, h, w)
             if moments is None:
                 gen = torch.Generator().manual_seed(cfg.seed)

@@ -10,9 +10,15 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
   to the stride-8 grid and concatenated: 40 + 112 = 152 channels for efficientnet_lite0. That is small already,
   so by default no channel pooling is applied (``embed_dim=None``). ``embed_dim=D`` applies PatchCore's own
   reduction: adaptive average pooling over channels to D per layer, then over the concatenation to D.
-- coreset: ``ceil(coreset_ratio * N)`` of the N bank patches, selected in a 128-d Gaussian random projection by
-  the exact greedy k-center rule, with batched distance updates (``clad.ops.coreset.greedy_coreset``): full-shot
-  bottle (214k patches -> 21k) in about 16 s on 2 cores, full-shot magnetic tile (779k -> 78k) in about 8 min.
+- robustness (``reference_jitter``, default 1): one photometric variant of each reference (brightness, contrast,
+  blur, noise; ``clad.data.corruptions.jittered_copies``) joins the bank, so a test image under another light is
+  not an anomaly for that alone.
+- coreset: ``ceil(coreset_ratio * N)`` of the N bank patches (the copies' included; ``coreset_of="references"``:
+  N counts the references' own patches only, so the memory does not grow with the jitter), selected in a 128-d
+  Gaussian random projection by the exact greedy k-center rule, with batched distance updates
+  (``clad.ops.coreset.greedy_coreset``): without jitter, full-shot bottle (214k patches -> 21k) in about 16 s on
+  2 cores, full-shot magnetic tile (779k -> 78k) in about 8 min; one copy per reference doubles the bank and the
+  memory, and so multiplies the selection's time by about 4.
 - search: exact nearest neighbour with ``KCenterIndex`` (clusters of the memory bank from k-center centres refined
   by k-means, pruned with the triangle inequality, or brute force where its first search finds that faster, as
   on fine texture), built from the memory bank when first needed, so it is never saved. ``n_probe=n`` makes it
@@ -26,8 +32,9 @@ Choices for a fast CPU baseline (measured in benchmarks/baselines.py):
 - shape (``resize``, ``zoom``, ``tile``; ``clad.ops.geometry``): every image squeezed to ``image_size`` squared, or
   kept in shape at one scale learnt from the references (``scale_``), whole or in overlapping tiles.
 - teaching (``add_references``): the new references' patches join the memory by the greedy k-center rule
-  continued from it (``continue_coreset``), as many as keep it ``coreset_ratio`` of every patch seen; the search
-  indexes take the new rows without a rebuild (``extended``) until the memory has doubled since they were built.
+  continued from it (``continue_coreset``), as many as keep it ``coreset_ratio`` of every patch seen (counted as
+  ``coreset_of`` says); the search indexes take the new rows without a rebuild (``extended``) until the memory has
+  doubled since they were built.
 """
 from __future__ import annotations
 
@@ -85,8 +92,13 @@ class PatchCoreConfig:
     # b in Eq. 7: memory items around m* (m* included); b = 1 would make every weight 0
     reweight_neighbours: int = bounded(3, "[2, inf)")
     sigma: float = bounded(4.0, "[0, inf)")  # Gaussian smoothing of the map, in working-resolution pixels
-    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the memory; 0: none
-    reference_jitter: int = bounded(0, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
+    # photometric variants of each reference (clad.data.corruptions.jittered_copies) added to the bank before the
+    # coreset; 0: none. On by default: lighting, contrast, blur and noise shifts cost far less (benchmarks/README.md,
+    # "Corruption robustness")
+    reference_jitter: int = bounded(1, "[0, inf)", omit_from_key_when={"reference_jitter": 0})
+    # what coreset_ratio is a fraction of: "bank", every patch, the copies' included (the memory grows with the
+    # jitter), or "references", the references' own patches (the memory keeps its size, shared with the copies)
+    coreset_of: str = field(default="bank", metadata={"omit_from_key_when": {"reference_jitter": 0}})
     # score each patch by its distance minus the median of its image's, so that a change of the whole image
     # (noise, blur, lighting) that moves every score alike moves none. Measured worse (benchmarks/README.md,
     # "Corruption robustness"): clean AUROC falls on magnetic tile and the drop grows on bottle; kept off.
@@ -103,6 +115,8 @@ class PatchCoreConfig:
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
+        if self.coreset_of not in ("bank", "references"):
+            raise ValueError(f"coreset_of must be 'bank' or 'references', got {self.coreset_of!r}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.tile is not None and self.tile % STEP:
@@ -250,7 +264,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
         parts = []
         for start in range(0, len(images), cfg.batch_size):
             arrays, _ = load_batch(images[start : start + cfg.batch_size])
-            arrays += jittered_copies(arrays, cfg.reference_jitter, (cfg.seed, first + start))
+            arrays += jittered_copies(arrays, cfg.reference_jitter, cfg.seed, first + start)
             for _, emb, _ in self._embed(arrays):
                 parts.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))  # (B*h*w, C)
         return torch.cat(parts)
@@ -270,7 +284,8 @@ class PatchCore(BackbonePatchFeatures, Detector):
         self._learn_scale(images)
         bank = self._patches(images)  # (N, C)
         t1 = time.perf_counter()
-        keep = greedy_coreset(bank, coreset_size(len(bank), cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
+        seen = self._counted(len(bank))
+        keep = greedy_coreset(bank, coreset_size(seen, cfg.coreset_ratio), cfg.projection_dim, cfg.seed)
         self.memory_bank_ = bank[keep].contiguous()  # (M, C), in greedy order
         self.index_ = self.probe_index_ = self.search_ = None
         t2 = time.perf_counter()
@@ -285,7 +300,12 @@ class PatchCore(BackbonePatchFeatures, Detector):
         if self._n_probe():
             self._search_index()  # the approximate search's index, built here so the first predict call does not
         self.fit_seconds_ = {"features": t1 - t0, "coreset": t2 - t1, "index": time.perf_counter() - t2}
-        self.bank_size_ = len(bank)
+        self.bank_size_ = seen
+
+    def _counted(self, n_patches: int) -> int:
+        """The patches that ``coreset_ratio`` is a fraction of, out of ``n_patches`` references' and copies'."""
+        cfg = self.config
+        return n_patches if cfg.coreset_of == "bank" else n_patches // (1 + cfg.reference_jitter)
 
     def _add_references(self, arrays) -> None:
         """The new references' patches join the memory by the greedy k-center rule continued from it
@@ -294,7 +314,7 @@ class PatchCore(BackbonePatchFeatures, Detector):
         (``extended``), or are built again once the memory has more than doubled since they were built."""
         cfg = self.config
         new = self._patches(arrays, self.n_references_)  # (K, C)
-        total = self.bank_size_ + len(new)
+        total = self.bank_size_ + self._counted(len(new))
         keep = continue_coreset(new, self.memory_bank_, coreset_size(total, cfg.coreset_ratio) - len(self.memory_bank_),
                                 cfg.projection_dim, cfg.seed)
         rows = new[keep]
