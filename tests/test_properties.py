@@ -196,7 +196,7 @@ _KEEP = {"backbone", "layers", "grid_layer", "global_layer"}
 _CAP = {"image_size": 32, "batch_size": 4, "max_bank": 5000, "neighbourhood": 5, "n_features": 64, "sigma": 6.0,
         "eps": 10.0, "n_probe": 4, "probe_min": 64, "workers": 3, "zoom": 2.0}
 # Fields whose valid values are a list, not a range.
-_CHOICES = {"resize": ("squeeze", "keep"), "tile": (None, 128, 256)}
+_CHOICES = {"resize": ("squeeze", "keep"), "tile": (None, 128, 256), "coreset_of": ("bank", "references")}
 
 
 def _field_strategy(f, tp):
